@@ -1,0 +1,151 @@
+"""Rich tables for the CLI. Only the CLI imports this; the library returns data and prints nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from passes._pass import Pass
+from passes.manager import PipelineReport
+from passes.summary import ModelSummary
+from passes.verify import Comparison
+
+console = Console(highlight=False)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    return f"{count:.2f} TiB"
+
+
+def _stats_text(stats: Mapping[str, object]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in stats.items() if v not in (0, False, "", None))
+
+
+def pipeline_report(report: PipelineReport, output: Path, *, explain: bool = False) -> None:
+    table = Table(title=f"pipeline: {report.pipeline}", title_justify="left")
+    for column, justify in (("#", "right"), ("pass", "left"), ("round", "right"), ("ms", "right"),
+                            ("nodes", "right"), ("changes", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    idle = 0
+    for record in report.passes:
+        if not record.modified:
+            idle += 1
+            continue
+        error = f" (max abs err {record.max_abs_error:.2g})" if record.max_abs_error is not None else ""
+        table.add_row(
+            str(record.index), record.name, str(record.round or ""), f"{record.wall_s * 1e3:.1f}",
+            f"{record.nodes_before} -> {record.nodes_after}", _stats_text(record.stats) + error,
+        )
+    console.print(table)
+    if idle:
+        console.print(f"[dim]{idle} pass application(s) changed nothing[/dim]")
+    _op_changes(report)
+    if explain:
+        _refusals(report)
+    if report.verification is not None:
+        check = report.verification
+        state = "[green]equal[/green]" if check["ok"] else "[red]DIFFERENT[/red]"
+        worst = max((o["max_abs_error"] for o in check["outputs"]), default=0.0)
+        console.print(
+            f"verified against the input: {state} (max abs error {worst:.3g}, "
+            f"rtol={check['rtol']:g}, atol={check['atol']:g}, seed {check['seed']})"
+        )
+    console.print(
+        f"{report.nodes_before} -> {report.nodes_after} nodes in {report.wall_s:.2f} s; wrote [bold]{output}[/bold]"
+    )
+
+
+def _op_changes(report: PipelineReport) -> None:
+    ops = sorted(set(report.ops_before) | set(report.ops_after))
+    changed = [(op, report.ops_before.get(op, 0), report.ops_after.get(op, 0)) for op in ops]
+    changed = [row for row in changed if row[1] != row[2]]
+    if not changed:
+        return
+    table = Table(title="op count changes", title_justify="left")
+    table.add_column("op")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for op, before, after in sorted(changed, key=lambda r: r[2] - r[1]):
+        table.add_row(op, str(before), str(after))
+    console.print(table)
+
+
+def _refusals(report: PipelineReport) -> None:
+    seen: set[tuple[str, str, str]] = set()
+    table = Table(title="rewrites not applied", title_justify="left")
+    for column in ("pass", "node", "reason"):
+        table.add_column(column)
+    for record in report.passes:
+        for refusal in record.refusals:
+            key = (record.name, refusal["node"], refusal["reason"])
+            if key not in seen:
+                seen.add(key)
+                table.add_row(*key)
+    console.print(table if seen else "[dim]no rewrite was refused[/dim]")
+
+
+def pass_list(passes: Mapping[str, type[Pass]], pipelines: Mapping[str, str]) -> None:
+    table = Table(title="passes", title_justify="left", show_lines=False)
+    table.add_column("name", style="bold")
+    table.add_column("what it does")
+    table.add_column("options")
+    for name, cls in passes.items():
+        options = "\n".join(f"{o.name}: {o.type} = {o.default}" + (f"  ({o.help})" if o.help else "")
+                            for o in cls.options())
+        table.add_row(name, cls.summary(), options or "-")
+    console.print(table)
+    named = Table(title="named pipelines", title_justify="left")
+    named.add_column("name", style="bold")
+    named.add_column("expands to")
+    for name, spec in pipelines.items():
+        named.add_row(name, spec)
+    console.print(named)
+
+
+def comparison(result: Comparison, reference: Path, candidate: Path) -> None:
+    table = Table(title=f"{candidate} vs {reference} (seed {result.seed}, rtol={result.rtol:g}, atol={result.atol:g})",
+                  title_justify="left")
+    for column, justify in (("output", "left"), ("shape", "left"), ("dtype", "left"),
+                            ("max abs err", "right"), ("max rel err", "right"), ("", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for out in result.outputs:
+        verdict = "[green]ok[/green]" if out.ok else f"[red]MISMATCH[/red] {out.problem}"
+        table.add_row(out.name, "x".join(map(str, out.shape)) or "scalar", out.dtype,
+                      f"{out.max_abs_error:.3g}", f"{out.max_rel_error:.3g}", verdict)
+    console.print(table)
+    console.print("[green]equivalent[/green]" if result.ok else "[red]models differ beyond tolerance[/red]")
+
+
+def model_summary(summary: ModelSummary) -> None:
+    facts = Table(title=summary.path or "model", title_justify="left", show_header=False)
+    facts.add_column("fact", style="bold")
+    facts.add_column("value")
+    facts.add_row("opsets", ", ".join(f"{d} {v}" for d, v in summary.opsets.items()))
+    facts.add_row("IR version", str(summary.ir_version))
+    facts.add_row("producer", summary.producer or "-")
+    facts.add_row("nodes", str(summary.nodes))
+    facts.add_row("parameters", f"{summary.parameters:,}")
+    for precision, count in summary.weight_bytes.items():
+        facts.add_row(f"weights at {precision}", _bytes(count))
+    facts.add_row("stored constants", _bytes(summary.stored_weight_bytes))
+    facts.add_row("external data", ", ".join(summary.external_data_files) or "none")
+    for tensor in summary.inputs:
+        facts.add_row(f"input {tensor.name}", f"{tensor.dtype}[{', '.join(map(str, tensor.shape))}]")
+    for tensor in summary.outputs:
+        facts.add_row(f"output {tensor.name}", f"{tensor.dtype}[{', '.join(map(str, tensor.shape))}]")
+    dynamic = ", ".join(f"{d['input']}[{d['axis']}]={d['dim']}" for d in summary.dynamic_dims)
+    facts.add_row("dynamic dims", dynamic or "none")
+    console.print(facts)
+    ops = Table(title="ops", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in summary.ops.items():
+        ops.add_row(op, str(count))
+    console.print(ops)

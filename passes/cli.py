@@ -1,0 +1,244 @@
+"""The `passes` command line: opt, list, verify, inspect, sample.
+
+Human output is rich tables on stdout; `--json` prints one JSON document for scripts. A user mistake
+(a bad file, pipeline, option or shape) prints one `error:` line on stderr and exits 2; `--debug`
+shows the traceback instead. `verify` exits 1 when the models differ beyond tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from passes.errors import PassesError
+from passes.samples import SAMPLE_NAMES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_MISMATCH = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 70
+
+
+def _debug_option(func: F) -> F:
+    return click.option("--debug", is_flag=True, expose_value=False, help="Show tracebacks on errors.")(func)
+
+
+def _parse_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    from passes._pass import parse_dims
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, sep, dims = value.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=DIMS like input_ids=1x128, got {value!r}", param_hint="--shape")
+        try:
+            shapes[name] = parse_dims(dims)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--shape") from None
+    return shapes
+
+
+_shape_option = click.option(
+    "--shape", "shapes", multiple=True, metavar="NAME=DIMS", help="Bind an input's dims, e.g. input_ids=1x128."
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="passes")
+@_debug_option
+def cli() -> None:
+    """Rewrite transformer ONNX graphs for mobile back ends."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
+@click.option("-p", "--pipeline", default="canonicalize", show_default=True, help="Pipeline string or name.")
+@_shape_option
+@click.option("--dump-ir", type=click.Path(path_type=Path), help="Write every intermediate graph to this folder.")
+@click.option("--verify", is_flag=True, help="Compare with the input after every pass (onnxruntime).")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance for --verify.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance for --verify.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs for --verify.")
+@click.option("--no-check", is_flag=True, help="Skip the ONNX checker after each pass.")
+@click.option("--explain", is_flag=True, help="Show why rewrites that matched were not applied.")
+@click.option("--in-place", is_flag=True, help="Allow -o to be the input file.")
+@_json_option
+@_debug_option
+def opt(
+    model: Path,
+    output: Path,
+    pipeline: str,
+    shapes: Sequence[str],
+    dump_ir: Path | None,
+    verify: bool,
+    rtol: float,
+    atol: float,
+    seed: int,
+    no_check: bool,
+    explain: bool,
+    in_place: bool,
+    as_json: bool,
+) -> None:
+    """Rewrite MODEL with a pipeline of passes and write the result to -o."""
+    from passes import _render
+    from passes.io import check_output_path, load_model, save_model
+    from passes.manager import PassManager
+
+    check_output_path(output, source=model, in_place=in_place)
+    manager = PassManager(
+        pipeline,
+        input_shapes=_parse_shapes(shapes),
+        check=not no_check,
+        verify=verify,
+        rtol=rtol,
+        atol=atol,
+        seed=seed,
+        dump_ir=dump_ir,
+    )
+    manager.resolved_pipeline()  # a bad pipeline fails before the model is read
+    loaded = load_model(model)
+    result = manager.run(loaded)
+    save_model(result.model, output, source=model, in_place=in_place)
+    if as_json:
+        _print_json({"output": str(output), **result.report.to_dict()})
+    else:
+        _render.pipeline_report(result.report, output, explain=explain)
+
+
+@cli.command(name="list")
+@_json_option
+@_debug_option
+def list_passes(as_json: bool) -> None:
+    """List the registered passes, their options and the named pipelines."""
+    from passes import _render
+    from passes.pipeline import NAMED_PIPELINES
+    from passes.registry import default_registry
+
+    passes = default_registry().all()
+    if as_json:
+        _print_json(
+            {
+                "passes": {
+                    name: {"summary": cls.summary(), "options": [vars(o) for o in cls.options()]}
+                    for name, cls in passes.items()
+                },
+                "pipelines": dict(NAMED_PIPELINES),
+            }
+        )
+    else:
+        _render.pass_list(passes, NAMED_PIPELINES)
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@_shape_option
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@_json_option
+@_debug_option
+def verify(
+    reference: Path, candidate: Path, shapes: Sequence[str], rtol: float, atol: float, seed: int, as_json: bool
+) -> None:
+    """Run REFERENCE and CANDIDATE on the same seeded inputs; exit 1 if any output differs."""
+    from passes import _render
+    from passes.io import load_model
+    from passes.verify import compare_models
+
+    input_shapes = _parse_shapes(shapes)
+    comparison = compare_models(
+        load_model(reference), load_model(candidate), input_shapes=input_shapes, seed=seed, rtol=rtol, atol=atol
+    )
+    if as_json:
+        _print_json(comparison.to_dict())
+    else:
+        _render.comparison(comparison, reference, candidate)
+    if not comparison.ok:
+        sys.exit(EXIT_MISMATCH)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@_json_option
+@_debug_option
+def inspect(model: Path, as_json: bool) -> None:
+    """Summarise MODEL: ops, parameters, weight bytes per precision, dynamic dims, opsets."""
+    from passes import _render
+    from passes.io import load_model_with_info
+    from passes.summary import summarize
+
+    loaded = load_model_with_info(model)
+    summary = summarize(loaded.model, model, external_data_files=loaded.external_data_files)
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        _render.model_summary(summary)
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(SAMPLE_NAMES))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the model.")
+@click.option("--idiom", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
+              help="Which exporter's graph idioms to reproduce.")
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--hidden", type=int, default=64, show_default=True)
+@click.option("--heads", type=int, default=4, show_default=True)
+@click.option("--vocab", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_debug_option
+def sample(
+    name: str, output: Path, idiom: str, layers: int, hidden: int, heads: int, vocab: int, seed: int
+) -> None:
+    """Write a bundled sample model (built locally, random weights; no download)."""
+    from passes.io import save_model
+    from passes.samples import build_sample
+
+    model = build_sample(name, idiom=idiom, layers=layers, hidden=hidden, heads=heads, vocab=vocab, seed=seed)  # type: ignore[arg-type]
+    save_model(model, output)
+    click.echo(f"wrote {output} ({name}, {idiom}, {layers} layers, {len(model.graph.node)} nodes)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: run the CLI, turning library errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="passes", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code or 0)
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except PassesError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}", err=True)
+        return EXIT_USER_ERROR
+    except SystemExit as done:
+        return int(done.code or 0) if not isinstance(done.code, str) else EXIT_USER_ERROR
+    except Exception as err:
+        if debug:
+            raise
+        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

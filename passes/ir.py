@@ -1,0 +1,267 @@
+"""Thin helpers over the onnx-graphsurgeon `Graph`, the mutable IR every pass rewrites.
+
+A model is converted to a `gs.Graph` once per pipeline (`import_graph`) and back once at the end
+(`export_model`); passes mutate the graph in place. Helpers here are the few queries every pass needs:
+opset versions, op histograms, producer/consumer lookups, node removal that keeps the use lists
+consistent, and a cheap structural fingerprint for contract checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from passes.io import PROTOBUF_LIMIT
+
+logger = logging.getLogger(__name__)
+
+Graph = gs.Graph
+Node = gs.Node
+Tensor = gs.Tensor
+Constant = gs.Constant
+Variable = gs.Variable
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Graph:
+    """Convert a model to a graphsurgeon graph, running ONNX shape inference first when it fits."""
+    if infer_shapes and model.ByteSize() < PROTOBUF_LIMIT:
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except (onnx.shape_inference.InferenceError, RuntimeError) as err:
+            logger.warning("shape inference failed, continuing without it: %s", err)
+    graph = gs.import_onnx(model)
+    graph._passes_model_meta = _model_meta(model)  # carried through to export_model
+    return graph
+
+
+def export_model(graph: gs.Graph) -> onnx.ModelProto:
+    """Convert a graph back to a model, restoring the model-level fields graphsurgeon drops."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    meta: onnx.ModelProto | None = getattr(graph, "_passes_model_meta", None)
+    if meta is not None:
+        model.ir_version = meta.ir_version or model.ir_version
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            if meta.HasField(field) and not model.HasField(field):
+                setattr(model, field, getattr(meta, field))
+        del model.metadata_props[:]
+        model.metadata_props.extend(meta.metadata_props)
+    return model
+
+
+def _model_meta(model: onnx.ModelProto) -> onnx.ModelProto:
+    meta = onnx.ModelProto()
+    meta.ir_version = model.ir_version
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if model.HasField(field):
+            setattr(meta, field, getattr(model, field))
+    meta.metadata_props.extend(model.metadata_props)
+    return meta
+
+
+def opset_version(graph: gs.Graph | onnx.ModelProto, domain: str = "") -> int:
+    """The graph's opset for `domain` ("" and "ai.onnx" are the same), or 0 when not imported."""
+    if isinstance(graph, onnx.ModelProto):
+        for entry in graph.opset_import:
+            if entry.domain == domain or (domain in DEFAULT_DOMAINS and entry.domain in DEFAULT_DOMAINS):
+                return entry.version
+        return 0
+    if domain in DEFAULT_DOMAINS:
+        return int(graph.opset or 0)
+    for entry in getattr(graph, "import_domains", None) or ():
+        if entry.domain == domain:
+            return entry.version
+    return 0
+
+
+def op_histogram(graph: gs.Graph | onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count for the top-level graph, most frequent first (domain-qualified if custom)."""
+    if isinstance(graph, onnx.ModelProto):
+        ops: Iterable[str] = (_qualified(n.domain, n.op_type) for n in graph.graph.node)
+    else:
+        ops = (_qualified(n.domain, n.op) for n in graph.nodes)
+    return dict(Counter(ops).most_common())
+
+
+def _qualified(domain: str | None, op: str) -> str:
+    return op if not domain or domain in DEFAULT_DOMAINS else f"{domain}.{op}"
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    return not node.domain or node.domain in DEFAULT_DOMAINS
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that produces `tensor`, or None for graph inputs and constants."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant-node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and is_default_domain(node) and "value" in node.attrs:
+        value = node.attrs["value"]
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
+    """Graph-valued attributes of a node (If branches, Loop/Scan bodies)."""
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, gs.Graph))
+
+
+def outer_scope_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """Tensors of enclosing graphs that a node's subgraphs read (implicit inputs)."""
+    found: dict[int, gs.Tensor] = {}
+    for sub in subgraphs(node):
+        local: set[int] = {id(t) for t in sub.inputs}
+        for inner in sub.nodes:
+            local.update(id(t) for t in inner.outputs)
+        for inner in sub.nodes:
+            candidates = list(inner.inputs) + outer_scope_inputs(inner)
+            for tensor in candidates:
+                if id(tensor) not in local and not (isinstance(tensor, gs.Constant) and tensor.name == ""):
+                    found.setdefault(id(tensor), tensor)
+        for out in sub.outputs:
+            if id(out) not in local:
+                found.setdefault(id(out), out)
+    return list(found.values())
+
+
+def detach_node(node: gs.Node) -> None:
+    """Disconnect a node from its tensors so use lists stay exact (removal from graph.nodes is separate)."""
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Point every consumer of `old` at `new` (graph outputs are not consumers: see `graph_outputs`)."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+
+
+def graph_output_ids(graph: gs.Graph) -> set[int]:
+    return {id(t) for t in graph.outputs}
+
+
+def fingerprint(graph: gs.Graph) -> str:
+    """A structural hash of the top-level graph: nodes, wiring, attributes, tensor types.
+
+    Constant payloads are identified by object identity, shape and dtype, not hashed byte by byte:
+    the fingerprint is for catching passes that change the graph and say they did not, on every run.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    ids: dict[int, int] = {}
+
+    def tensor_key(tensor: gs.Tensor) -> str:
+        index = ids.setdefault(id(tensor), len(ids))
+        shape = tuple(tensor.shape) if tensor.shape is not None else None
+        kind = f"C{id(tensor.values) if isinstance(tensor, gs.Constant) else ''}"
+        return f"{index}:{tensor.name}:{tensor.dtype}:{shape}:{kind if isinstance(tensor, gs.Constant) else 'V'}"
+
+    for tensor in graph.inputs:
+        digest.update(b"i" + tensor_key(tensor).encode())
+    for node in graph.nodes:
+        parts = [node.op, node.domain or "", node.name or ""]
+        parts += [tensor_key(t) for t in node.inputs] + ["->"] + [tensor_key(t) for t in node.outputs]
+        parts += [f"{k}={_attr_key(v)}" for k, v in sorted(node.attrs.items())]
+        digest.update("|".join(parts).encode())
+    for tensor in graph.outputs:
+        digest.update(b"o" + tensor_key(tensor).encode())
+    return digest.hexdigest()
+
+
+def _attr_key(value: object) -> str:
+    if isinstance(value, gs.Graph):
+        return f"graph:{fingerprint(value)}"
+    if isinstance(value, gs.Constant):
+        return f"tensor:{id(value.values)}:{value.dtype}:{tuple(value.shape or ())}"
+    if isinstance(value, np.ndarray):
+        return f"array:{value.dtype}:{value.shape}:{hashlib.blake2b(value.tobytes(), digest_size=8).hexdigest()}"
+    return repr(value)
+
+
+def node_count(graph: gs.Graph) -> int:
+    return len(graph.nodes)
+
+
+#: initializers larger than this are handed to shape inference as typed inputs, without their bytes.
+_INFERENCE_INLINE_BYTES = 64 * 1024
+
+
+def refresh_shapes(graph: gs.Graph) -> int:
+    """Re-run ONNX shape inference (with data propagation) and write the results into the graph.
+
+    Large initializers are passed to inference as typed inputs without their bytes, so this works on
+    models of any size. Returns how many tensors got a new shape or dtype.
+    """
+    skeleton = _inference_skeleton(gs.export_onnx(graph, do_type_check=False))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as err:
+        logger.warning("shape inference failed: %s", err)
+        return 0
+    tensors = graph.tensors()
+    changed = 0
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = tensors.get(info.name)
+        if tensor is None or isinstance(tensor, gs.Constant) or not info.type.HasField("tensor_type"):
+            continue
+        changed += _apply_value_info(tensor, info.type.tensor_type)
+    return changed
+
+
+def _inference_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without large initializer bytes: those become typed graph inputs."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for init in model.graph.initializer:
+        if init.ByteSize() > _INFERENCE_INLINE_BYTES:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            graph.initializer.append(init)
+    return skeleton
+
+
+def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor) -> int:
+    changed = 0
+    if info.elem_type:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
+        if tensor.dtype is None or np.dtype(tensor.dtype) != dtype:
+            tensor.dtype = dtype
+            changed = 1
+    if info.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in info.shape.dim]
+        old = list(tensor.shape) if tensor.shape is not None else None
+        if old != shape and (old is None or _more_static(shape, old)):
+            tensor.shape = shape
+            changed = 1
+    return changed
+
+
+def _more_static(new: list[object], old: list[object]) -> bool:
+    """Accept inferred shapes that are at least as static as what the graph has."""
+    if len(new) != len(old):
+        return True
+    return sum(isinstance(d, int) for d in new) >= sum(isinstance(d, (int, np.integer)) for d in old)

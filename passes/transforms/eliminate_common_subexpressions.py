@@ -1,0 +1,120 @@
+"""`eliminate-common-subexpressions`: merge nodes that compute the same thing, and equal constants.
+
+    op(a, b){attrs} twice -> computed once, the second's consumers use the first
+    two initializers with equal dtype, shape and bytes -> one
+
+Nodes are visited in topological order, so whole duplicated chains collapse in one run. A node is a
+candidate when it is deterministic (no Random*, no Dropout), has no subgraph and its domain is known.
+A duplicate whose outputs are graph outputs stays (merging would drop an output name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes import ir
+from passes._pass import Pass, PassResult
+
+NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+)
+
+
+@dataclass(frozen=True)
+class EliminateCommonSubexpressions(Pass):
+    """Merge duplicate nodes (same op, inputs, attributes) and duplicate constants."""
+
+    name = "eliminate-common-subexpressions"
+    max_constant_bytes: int = field(
+        default=64 * 2**20, metadata={"help": "constants larger than this are not compared byte by byte"}
+    )
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        outputs = ir.graph_output_ids(graph)
+        constants_merged = self._merge_constants(graph, outputs)
+        seen: dict[tuple[object, ...], gs.Node] = {}
+        removed: list[gs.Node] = []
+        for node in graph.nodes:
+            key = _node_key(node)
+            if key is None:
+                continue
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+                continue
+            if any(id(t) in outputs for t in node.outputs):
+                continue
+            for duplicate, original in zip(node.outputs, first.outputs):
+                ir.replace_all_uses(duplicate, original)
+            ir.detach_node(node)
+            removed.append(node)
+        if removed:
+            gone = {id(n) for n in removed}
+            graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+        stats = {"nodes_removed": len(removed), "constants_merged": constants_merged}
+        return PassResult(graph, bool(removed or constants_merged), stats)
+
+    def _merge_constants(self, graph: gs.Graph, outputs: set[int]) -> int:
+        """Point every use of a constant at the first constant with the same dtype, shape and bytes."""
+        buckets: dict[tuple[object, ...], list[tuple[gs.Constant, np.ndarray]]] = {}
+        merged = 0
+        for node in graph.nodes:
+            for index, tensor in enumerate(node.inputs):
+                if not isinstance(tensor, gs.Constant) or id(tensor) in outputs:
+                    continue
+                values = np.asarray(tensor.values)
+                if values.nbytes > self.max_constant_bytes:
+                    continue
+                bucket = buckets.setdefault(_sample_key(values), [])
+                keeper = next((c for c, v in bucket if c is tensor or _same_bytes(v, values)), None)
+                if keeper is None:
+                    bucket.append((tensor, values))
+                elif keeper is not tensor:
+                    node.inputs[index] = keeper
+                    merged += 1
+        return merged
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality (so -0.0 and 0.0 differ, and equal NaNs match)."""
+    if a.dtype.kind == "O" or b.dtype.kind == "O":
+        return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
+    return np.ascontiguousarray(a).view(np.uint8).tobytes() == np.ascontiguousarray(b).view(np.uint8).tobytes()
+
+
+def _sample_key(values: np.ndarray) -> tuple[object, ...]:
+    """dtype, shape and a hash of at most ~4 KiB spread over the data: cheap, and equal for equal arrays."""
+    flat = values.reshape(-1)
+    step = max(1, flat.size // 512)
+    sample = np.ascontiguousarray(flat[::step][:512]).tobytes()
+    return (values.dtype.str, values.shape, hashlib.blake2b(sample, digest_size=16).digest())
+
+
+def _node_key(node: gs.Node) -> tuple[object, ...] | None:
+    """A hashable identity of what the node computes, or None when it must not be merged."""
+    if node.op in NONDETERMINISTIC or any(True for _ in ir.subgraphs(node)) or not node.outputs:
+        return None
+    try:
+        attrs = tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items()))
+    except TypeError:
+        return None
+    inputs = tuple(id(t) if t.name or not isinstance(t, gs.Variable) else None for t in node.inputs)
+    return (node.domain or "", node.op, inputs, len(node.outputs), attrs)
+
+
+def _attr_key(value: object) -> object:
+    if isinstance(value, gs.Constant):
+        values = np.asarray(value.values)
+        return ("tensor", values.dtype.str, values.shape, values.tobytes())
+    if isinstance(value, np.ndarray):
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, list):
+        return tuple(_attr_key(v) for v in value)
+    if isinstance(value, np.dtype):
+        return ("dtype", value.str)
+    hash(value)
+    return value

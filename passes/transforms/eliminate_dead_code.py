@@ -1,0 +1,52 @@
+"""`eliminate-dead-code`: remove nodes, initializers and Constant nodes no graph output depends on.
+
+    node with no live output (and no side effects) -> removed
+
+Liveness flows backwards from the graph outputs through node inputs and through the outer-scope
+tensors that If/Loop/Scan bodies read. Graph inputs are never removed (that would change the model's
+interface), even when unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from passes import ir
+from passes._pass import Pass, PassResult
+
+
+@dataclass(frozen=True)
+class EliminateDeadCode(Pass):
+    """Remove nodes and initializers that no graph output depends on."""
+
+    name = "eliminate-dead-code"
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        live_nodes = live_node_ids(graph)
+        dead = [node for node in graph.nodes if id(node) not in live_nodes]
+        for node in dead:
+            ir.detach_node(node)
+        if dead:
+            graph.nodes = [node for node in graph.nodes if id(node) in live_nodes]
+        return PassResult(graph, bool(dead), {"nodes_removed": len(dead)})
+
+
+def live_node_ids(graph: gs.Graph) -> set[int]:
+    """Ids of the nodes some graph output (transitively) depends on."""
+    live: set[int] = set()
+    pending = list(graph.outputs)
+    seen: set[int] = set()
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        node = ir.producer(tensor)
+        if node is None or id(node) in live:
+            continue
+        live.add(id(node))
+        pending.extend(node.inputs)
+        pending.extend(ir.outer_scope_inputs(node))
+    return live

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from passes.errors import PassesError
+from passes.errors import PassesError, PipelineError
 from passes.samples import SAMPLE_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,11 +36,11 @@ def _parse_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
     for value in values:
         name, sep, dims = value.partition("=")
         if not sep or not name:
-            raise click.BadParameter(f"expected NAME=DIMS like input_ids=1x128, got {value!r}", param_hint="--shape")
+            raise PipelineError(f"--shape: expected NAME=DIMS like input_ids=1x128, got {value!r}")
         try:
             shapes[name] = parse_dims(dims)
         except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="--shape") from None
+            raise PipelineError(f"--shape {value}: {err}") from None
     return shapes
 
 
@@ -219,8 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.main(args=args, prog_name="passes", standalone_mode=False)
     except click.exceptions.Exit as done:
         return int(done.exit_code or 0)
-    except click.ClickException as err:
-        err.show()
+    except click.ClickException as err:  # usage mistakes: one line too, with where to look
+        if debug:
+            raise
+        hint = ""
+        if isinstance(err, click.UsageError) and err.ctx is not None:
+            hint = f" (see '{err.ctx.command_path} --help')"
+        click.echo(f"error: {err.format_message()}{hint}", err=True)
         return err.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -63,10 +63,13 @@ def load_model_with_info(path: str | os.PathLike[str], *, check: bool = True) ->
     base_dir = path.resolve().parent
     files = sorted({_check_external_location(path, base_dir, t) for t in _external_tensors(model)})
     if files:
+        external = list(_external_tensors(model))
         try:
             external_data_helper.load_external_data_for_model(model, str(base_dir))
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"{path}: cannot read external data ({_first_line(err)})") from err
+        for tensor in external:
+            _check_loaded_size(path, tensor)
     check_graph_structure(model.graph, label=str(path))
     if check:
         _run_checker(model, path)
@@ -152,6 +155,33 @@ def _check_external_location(path: Path, base_dir: Path, tensor: onnx.TensorProt
     return location
 
 
+def _check_loaded_size(path: Path, tensor: onnx.TensorProto) -> None:
+    """An external tensor must have read exactly the bytes its dims and type need."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    bits = _element_bits(tensor.data_type)
+    expected = (count * bits + 7) // 8
+    if len(tensor.raw_data) != expected:
+        raise ModelLoadError(
+            f"{path}: external data of tensor '{tensor.name}' has {len(tensor.raw_data)} bytes, "
+            f"its shape needs {expected} (truncated data file?)"
+        )
+
+
+def _element_bits(data_type: int) -> int:
+    if data_type in _FOUR_BIT_TYPES:
+        return 4
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize * 8
+
+
+_FOUR_BIT_TYPES = frozenset(
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
+)
+
+
 def _run_checker(model: onnx.ModelProto, path: Path) -> None:
     try:
         if model.ByteSize() < PROTOBUF_LIMIT:
@@ -179,25 +209,50 @@ def save_model(
 
     `source` is the file the model was loaded from: writing over it is refused unless `in_place`.
     `external_data` None means "only when the model is too large for one protobuf"; the weights then
-    go to `<name>.data` beside the model. Either every file lands complete, or none is touched.
+    go to `<name>.<token>.data` beside the model, a name no earlier save used, so the final rename of
+    the model switches from the old complete pair to the new one. Either every file lands
+    complete, or the old output is untouched.
     """
     path = check_output_path(path, source=source, in_place=in_place)
     parent = path.parent
     if external_data is None:
         external_data = model.ByteSize() >= PROTOBUF_LIMIT
+    old_data = _own_data_files(path)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     except OSError as err:
         raise ModelSaveError(f"{path}: cannot write to '{parent}' ({_first_line(err)})") from err
+    moved: list[str] = []
     try:
-        staged = _stage(model, staging / path.name, external_data)
-        for name in staged:  # data files first, the model last: a reader never sees a model without data
+        staged = _stage(model, staging / path.name, external_data, token=staging.name.rsplit(".", 1)[-1])
+        for name in staged:  # data first, the model last: a reader never sees a model without its data
             os.replace(staging / name, parent / name)
+            moved.append(name)
     except (OSError, ValueError) as err:
+        for name in moved:  # only new data files can be here: their names were never used before
+            (parent / name).unlink(missing_ok=True)
         raise ModelSaveError(f"{path}: cannot write ({_first_line(err)})") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for name in old_data - set(staged):
+        (parent / name).unlink(missing_ok=True)
     return path
+
+
+def _own_data_files(path: Path) -> set[str]:
+    """Data files an earlier `save_model` wrote for the model at `path` (to remove once replaced)."""
+    if not path.is_file():
+        return set()
+    try:
+        previous = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # not a model of ours: nothing to clean up
+        return set()
+    prefix = path.name + "."
+    return {
+        location
+        for location in (external_data_helper.ExternalDataInfo(t).location for t in _external_tensors(previous))
+        if location.startswith(prefix) and location.endswith(".data") and "/" not in location
+    }
 
 
 def check_output_path(
@@ -214,7 +269,7 @@ def check_output_path(
     return path
 
 
-def _stage(model: onnx.ModelProto, staged_path: Path, external_data: bool) -> list[str]:
+def _stage(model: onnx.ModelProto, staged_path: Path, external_data: bool, *, token: str) -> list[str]:
     """Write the model (and its data file) into the staging folder; return names, model last."""
     if not external_data:
         with open(staged_path, "wb") as handle:
@@ -222,7 +277,7 @@ def _stage(model: onnx.ModelProto, staged_path: Path, external_data: bool) -> li
             handle.flush()
             os.fsync(handle.fileno())
         return [staged_path.name]
-    data_name = staged_path.name + ".data"
+    data_name = f"{staged_path.name}.{token}.data"
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # convert_model_to_external_data mutates its argument
     external_data_helper.convert_model_to_external_data(

@@ -75,7 +75,7 @@ def input_dims(
             continue
         dims = value.type.tensor_type.shape.dim
         if value.name in given or value.name in recorded:
-            shape = given.get(value.name) or tuple(recorded[value.name])
+            shape = given[value.name] if value.name in given else tuple(recorded[value.name])
             if value.type.tensor_type.HasField("shape") and len(shape) != len(dims):
                 raise VerificationError(
                     f"input '{value.name}' has rank {len(dims)}, but shape {'x'.join(map(str, shape))} was given"
@@ -227,5 +227,19 @@ def compare_models(
         raise VerificationError(
             f"the models take different inputs: {sorted(ref_inputs)} vs {sorted(cand_inputs)}"
         )
+    if feeds is None:  # a frozen candidate tells the dims of a dynamic reference; given shapes win
+        input_shapes = {**_static_input_shapes(candidate), **(input_shapes or {})}
     feeds = dict(feeds) if feeds is not None else random_feeds(reference, seed, input_shapes=input_shapes)
     return compare_outputs(run_model(reference, feeds), run_model(candidate, feeds), rtol=rtol, atol=atol, seed=seed)
+
+
+def _static_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Inputs whose every dim is a fixed size."""
+    initializers = {t.name for t in model.graph.initializer}
+    shapes = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in initializers and value.type.tensor_type.HasField("shape"):
+            if all(d.HasField("dim_value") for d in dims):
+                shapes[value.name] = tuple(d.dim_value for d in dims)
+    return shapes

@@ -24,6 +24,8 @@ from passes import ir
 from passes._evaluate import EvaluationUnsupported, evaluate_node
 from passes._pass import Pass, PassResult, Refusal
 
+MAX_ROUNDS = 32
+
 
 @dataclass(frozen=True)
 class FoldConstants(Pass):
@@ -36,12 +38,30 @@ class FoldConstants(Pass):
     fold_shapes: bool = field(default=True, metadata={"help": "fold Shape/Size of tensors with static dims"})
 
     def call(self, graph: gs.Graph) -> PassResult:
+        stats = {"nodes_folded": 0, "shapes_folded": 0, "constant_nodes_lifted": 0}
+        refusals: list[Refusal] = []
+        modified = False
+        for _ in range(MAX_ROUNDS):
+            folded_any, refusals = self._fold_round(graph, stats)
+            if not folded_any:
+                break
+            modified = True
+            if not self.fold_shapes:
+                break
+            # new constants can make more shapes static (a Reshape target, a Range limit): re-infer,
+            # so one run reaches the state a fresh import would see and a second run changes nothing
+            ir.refresh_shapes(graph)
+        else:
+            raise self.violation(f"folding did not settle in {MAX_ROUNDS} rounds")
+        return PassResult(graph, modified, stats, refusals)
+
+    def _fold_round(self, graph: gs.Graph, stats: dict[str, int]) -> tuple[bool, list[Refusal]]:
+        """One topological sweep; returns whether anything folded, and the refusals seen."""
         outputs = ir.graph_output_ids(graph)
         opset = ir.opset_version(graph)
         folded: list[gs.Node] = []
         replacements: dict[int, list[gs.Node]] = {}
         refusals: list[Refusal] = []
-        stats = {"nodes_folded": 0, "shapes_folded": 0, "constant_nodes_lifted": 0}
         for node in graph.nodes:
             if node.op == "Constant" and ir.is_default_domain(node):
                 if _lift_constant_node(node, outputs):
@@ -53,13 +73,14 @@ class FoldConstants(Pass):
                 if reason:
                     refusals.append(Refusal(node.name or node.op, reason))
                 continue
+            shape_query = node.op in ("Shape", "Size") or _reads_shape(node)
             replacements[id(node)] = _replace_with_constants(node, values, outputs)
             folded.append(node)
-            stats["shapes_folded" if node.op in ("Shape", "Size") else "nodes_folded"] += 1
+            stats["shapes_folded" if shape_query else "nodes_folded"] += 1
         if folded:
             gone = {id(n) for n in folded}
             graph.nodes = [r for n in graph.nodes for r in (replacements.get(id(n), []) if id(n) in gone else [n])]
-        return PassResult(graph, bool(folded), stats, refusals)
+        return bool(folded), refusals
 
     def _evaluate(self, node: gs.Node, opset: int) -> tuple[list[np.ndarray] | None, str]:
         """The node's output values, or None and a refusal reason ("" when simply not constant)."""
@@ -68,6 +89,10 @@ class FoldConstants(Pass):
         if node.op in ("Shape", "Size") and node.inputs and not isinstance(node.inputs[0], gs.Constant):
             if self.fold_shapes and ir.constant_value(node.inputs[0]) is None:
                 return _static_shape_query(node), ""
+        if node.op == "Gather" and self.fold_shapes and len(node.inputs) == 2:
+            picked = _static_dims_gathered(node)
+            if picked is not None:
+                return [picked], ""
         if not node.inputs:
             return None, ""
         inputs: list[np.ndarray | None] = []
@@ -105,16 +130,50 @@ def _static_shape_query(node: gs.Node) -> list[np.ndarray] | None:
     if shape is None:
         return None
     if node.op == "Size":
-        if all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        if all(_is_static(d) for d in shape):
             return [np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)]
         return None
-    rank = len(shape)
-    start = _clamp_axis(int(node.attrs.get("start", 0)), rank)
-    end = _clamp_axis(int(node.attrs.get("end", rank)), rank)
-    dims = list(shape[start:end]) if start < end else []
-    if all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims):
+    dims = _shape_slice(node)
+    if dims is not None and all(_is_static(d) for d in dims):
         return [np.array(dims, dtype=np.int64)]
     return None
+
+
+def _static_dims_gathered(node: gs.Node) -> np.ndarray | None:
+    """Gather(Shape(x), const indices) when the gathered dims of x are static, even if others are not."""
+    source = ir.producer(node.inputs[0])
+    indices = ir.constant_value(node.inputs[1])
+    if source is None or source.op != "Shape" or indices is None or not ir.is_default_domain(source):
+        return None
+    dims = _shape_slice(source)
+    if dims is None or not dims or not np.issubdtype(indices.dtype, np.integer):
+        return None
+    if np.any(indices < -len(dims)) or np.any(indices >= len(dims)):
+        return None  # out of range: leave the error to the runtime
+    picked = [dims[int(i)] for i in indices.reshape(-1)]
+    if not all(_is_static(d) for d in picked):
+        return None
+    return np.array(picked, dtype=np.int64).reshape(indices.shape)
+
+
+def _reads_shape(node: gs.Node) -> bool:
+    source = ir.producer(node.inputs[0]) if node.inputs else None
+    return node.op == "Gather" and source is not None and source.op == "Shape"
+
+
+def _shape_slice(shape_node: gs.Node) -> list[object] | None:
+    """The dims a Shape node returns (static ints or symbols), or None if the rank is unknown."""
+    shape = shape_node.inputs[0].shape
+    if shape is None:
+        return None
+    rank = len(shape)
+    start = _clamp_axis(int(shape_node.attrs.get("start", 0)), rank)
+    end = _clamp_axis(int(shape_node.attrs.get("end", rank)), rank)
+    return list(shape[start:end]) if start < end else []
+
+
+def _is_static(dim: object) -> bool:
+    return isinstance(dim, (int, np.integer)) and int(dim) >= 0
 
 
 def _clamp_axis(axis: int, rank: int) -> int:

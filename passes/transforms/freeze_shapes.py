@@ -3,8 +3,8 @@
     input x: [batch, seq] with x=1x128       -> x: [1, 128] (and every input sharing `batch`/`seq`)
     Shape -> Gather -> Concat -> Reshape     -> Reshape with a constant shape
 
-Binding is followed by rounds of shape inference (with data propagation) and `fold-constants` until
-nothing folds. The stat `dynamic_shape_inputs_left` counts Reshape/Expand/Tile/Slice/ConstantOfShape/
+Binding is followed by shape inference (with data propagation) and `fold-constants`, which folds
+and re-infers until nothing more folds. The stat `dynamic_shape_inputs_left` counts Reshape/Expand/Tile/Slice/ConstantOfShape/
 Range nodes whose shape-like input is still computed at run time: the goal is 0.
 """
 
@@ -31,7 +31,6 @@ SHAPE_INPUTS: Mapping[str, tuple[int, ...]] = {
     "ConstantOfShape": (0,),
     "Range": (0, 1, 2),
 }
-MAX_ROUNDS = 32
 
 
 @dataclass(frozen=True)
@@ -80,16 +79,9 @@ class FreezeShapes(Pass):
     def call(self, graph: gs.Graph) -> PassResult:
         before = ir.fingerprint(graph)
         bound = self._bind_inputs(graph)
-        folder = FoldConstants(max_bytes=self.max_bytes)
-        folded = 0
-        for _ in range(MAX_ROUNDS):
-            ir.refresh_shapes(graph)
-            result = folder.call(graph)
-            if not result.modified:
-                break
-            folded += sum(int(v) for k, v in result.stats.items() if k != "constant_nodes_lifted")
-        else:
-            raise self.violation(f"shape folding did not settle in {MAX_ROUNDS} rounds")
+        ir.refresh_shapes(graph)
+        folding = FoldConstants(max_bytes=self.max_bytes).call(graph)
+        folded = sum(int(v) for k, v in folding.stats.items() if k != "constant_nodes_lifted")
         stats = {"dims_bound": bound, "nodes_folded": folded, "dynamic_shape_inputs_left": count_dynamic_shapes(graph)}
         return PassResult(graph, ir.fingerprint(graph) != before, stats)
 

@@ -1,0 +1,63 @@
+"""eliminate-common-subexpressions: structure, numerics, refusal, property."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from hypothesis import given
+from onnx import helper
+
+from passes.testing import assert_equivalent
+from passes.testing.strategies import onnx_graphs
+from passes.transforms.eliminate_common_subexpressions import EliminateCommonSubexpressions
+from tests.helpers import init, model, ops, tensor
+
+
+def test_structure_duplicate_chains_collapse_in_one_run() -> None:
+    nodes = [
+        helper.make_node("Mul", ["x", "w1"], ["a1"]),
+        helper.make_node("Mul", ["x", "w2"], ["a2"]),  # w2 has the same bytes as w1
+        helper.make_node("Softmax", ["a1"], ["s1"], axis=-1),
+        helper.make_node("Softmax", ["a2"], ["s2"], axis=-1),
+        helper.make_node("Softmax", ["a2"], ["s3"], axis=0),  # different attribute: stays
+        helper.make_node("Add", ["s1", "s2"], ["b"]),
+        helper.make_node("Add", ["b", "s3"], ["y"]),
+    ]
+    weights = [init("w1", np.full(3, 2.0, np.float32)), init("w2", np.full(3, 2.0, np.float32))]
+    original = model(nodes, [tensor("x", [2, 3])], [tensor("y", [2, 3])], weights)
+    result = EliminateCommonSubexpressions()(original)
+    assert ops(result.model) == ["Mul", "Softmax", "Softmax", "Add", "Add"]
+    assert result.stats == {"nodes_removed": 2, "constants_merged": 1}
+    assert_equivalent(original, result.model, rtol=0, atol=0)
+
+
+def test_numerics_on_sample(sample_model) -> None:  # type: ignore[no-untyped-def]
+    original = sample_model("tiny-llama", idiom="torchscript")
+    result = EliminateCommonSubexpressions()(original)
+    assert result.modified
+    assert_equivalent(original, result.model, rtol=0, atol=0)
+
+
+def test_refusal_random_ops_outputs_and_signed_zero_stay_apart() -> None:
+    nodes = [
+        helper.make_node("RandomUniformLike", ["x"], ["r1"], seed=1.0),
+        helper.make_node("RandomUniformLike", ["x"], ["r2"], seed=1.0),
+        helper.make_node("Relu", ["x"], ["y1"]),
+        helper.make_node("Relu", ["x"], ["y2"]),
+        helper.make_node("Div", ["x", "zero"], ["d1"]),
+        helper.make_node("Div", ["x", "negzero"], ["d2"]),
+        helper.make_node("Sum", ["r1", "r2", "d1", "d2"], ["y3"]),
+    ]
+    zeros = [init("zero", np.zeros(3, np.float32)), init("negzero", -np.zeros(3, np.float32))]
+    original = model(nodes, [tensor("x", [2, 3])], [tensor("y1", [2, 3]), tensor("y2", [2, 3]), tensor("y3", [2, 3])], zeros)
+    result = EliminateCommonSubexpressions()(original)
+    assert not result.modified
+    assert ops(result.model) == ops(original)
+
+
+@given(onnx_graphs())
+def test_property_valid_equivalent_idempotent(original: onnx.ModelProto) -> None:
+    once = EliminateCommonSubexpressions()(original)
+    onnx.checker.check_model(once.model, full_check=True)
+    assert_equivalent(original, once.model, rtol=0, atol=0)
+    assert not EliminateCommonSubexpressions()(once.model).modified

@@ -397,11 +397,11 @@ def _dim_scalar(draw: st.DrawFn, b: _Builder, t: str, axis: int) -> str:
 
 
 def _step_flatten(draw: st.DrawFn, b: _Builder, t: str) -> str | None:
-    """Reshape(t, Concat(Shape(t)[:keep], [-1])): merge the trailing dims."""
+    """Reshape(t, Concat(Shape(t)[:keep], [-1])): merge the trailing dims (keep == rank: append 1)."""
     dims = b.dims[t]
-    if len(dims) < 2:
+    if len(dims) >= _MAX_RANK:
         return None
-    keep = draw(st.integers(1, len(dims) - 1))
+    keep = draw(st.integers(1, len(dims)))
     target = _concat_ints(b, [_shape_piece(draw, b, t, 0, keep), _int_const(draw, b, [-1])])
     return b.emit("Reshape", [t, target], dims=dims[:keep] + (_merge(dims[keep:]),), bound=b.bound[t])
 
@@ -744,8 +744,8 @@ def _draw_reduce_mean(draw: st.DrawFn, b: _Builder) -> None:
 
 def _draw_shape_chain(draw: st.DrawFn, b: _Builder) -> None:
     """Shape -> Gather/Slice -> Unsqueeze -> Concat -> Reshape (or another shape step) on a tensor."""
-    if (t := _pick(draw, b, lambda n: len(b.dims[n]) >= 2)) is not None:
-        draw(st.sampled_from(_RESHAPE_STEPS + _SHAPE_STEPS))(draw, b, t)
+    if (t := _pick(draw, b)) is not None:
+        draw(st.sampled_from(_RESHAPE_STEPS + _SHAPE_STEPS))(draw, b, t) or _step_flatten(draw, b, t)
 
 
 _Family = Callable[[st.DrawFn, _Builder], None]

@@ -87,7 +87,7 @@ class Pass(abc.ABC):
         """Run the pass with its contract checked. A ModelProto in gives a ModelProto out."""
         graph = ir.import_graph(model) if isinstance(model, onnx.ModelProto) else model
         self.requires(graph)
-        before = ir.fingerprint(graph) if check_contract else ""
+        before = ir.fingerprint(graph) if check_contract else None
         result = self.call(graph)
         if not isinstance(result, PassResult) or result.model is not graph:
             raise PassContractError(f"pass {self.name!r} must return PassResult for the graph it was given")

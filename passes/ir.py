@@ -8,7 +8,6 @@ consistent, and a cheap structural fingerprint for contract checks.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -143,9 +142,38 @@ def outer_scope_inputs(node: gs.Node) -> list[gs.Tensor]:
 
 
 def detach_node(node: gs.Node) -> None:
-    """Disconnect a node from its tensors so use lists stay exact (removal from graph.nodes is separate)."""
-    node.inputs.clear()
-    node.outputs.clear()
+    """Disconnect a node from its tensors so use lists stay exact (removal from graph.nodes is separate).
+
+    graphsurgeon's own list sync finds the node to unlink by equality, which is slow (Node.__eq__
+    compares whole nodes) and can unlink an *equal* twin; this works by identity.
+    """
+    for tensor in node.inputs:
+        _remove_by_identity(tensor.outputs, node)
+    for tensor in node.outputs:
+        _remove_by_identity(tensor.inputs, node)
+    list.clear(node.inputs)
+    list.clear(node.outputs)
+
+
+def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """node.inputs[index] = tensor, keeping both tensors' consumer lists exact (by identity)."""
+    _remove_by_identity(node.inputs[index].outputs, node)
+    list.__setitem__(node.inputs, index, tensor)
+    list.append(tensor.outputs, node)
+
+
+def set_output(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """node.outputs[index] = tensor, keeping both tensors' producer lists exact (by identity)."""
+    _remove_by_identity(node.outputs[index].inputs, node)
+    list.__setitem__(node.outputs, index, tensor)
+    list.append(tensor.inputs, node)
+
+
+def _remove_by_identity(items: list[object], item: object) -> None:
+    for index, candidate in enumerate(items):
+        if candidate is item:
+            list.__delitem__(items, index)
+            return
 
 
 def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
@@ -153,48 +181,54 @@ def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
     for consumer in list(old.outputs):
         for index, tensor in enumerate(consumer.inputs):
             if tensor is old:
-                consumer.inputs[index] = new
+                set_input(consumer, index, new)
 
 
 def graph_output_ids(graph: gs.Graph) -> set[int]:
     return {id(t) for t in graph.outputs}
 
 
-def fingerprint(graph: gs.Graph) -> str:
-    """A structural hash of the top-level graph: nodes, wiring, attributes, tensor types.
+def fingerprint(graph: gs.Graph) -> int:
+    """A structural hash of the top-level graph: nodes, wiring, attributes, tensor types and shapes.
 
-    Constant payloads are identified by object identity, shape and dtype, not hashed byte by byte:
-    the fingerprint is for catching passes that change the graph and say they did not, on every run.
+    Constants are identified by object, name, dtype and shape, never loaded or hashed byte by byte
+    (so a pass that overwrites a constant's values in place with same-shaped data goes unseen): the
+    fingerprint catches passes that change the graph and say they did not, on every run, so it has
+    to be cheap.
     """
-    digest = hashlib.blake2b(digest_size=16)
-    ids: dict[int, int] = {}
 
-    def tensor_key(tensor: gs.Tensor) -> str:
-        index = ids.setdefault(id(tensor), len(ids))
-        shape = tuple(tensor.shape) if tensor.shape is not None else None
-        kind = f"C{id(tensor.values) if isinstance(tensor, gs.Constant) else ''}"
-        return f"{index}:{tensor.name}:{tensor.dtype}:{shape}:{kind if isinstance(tensor, gs.Constant) else 'V'}"
+    def tensor_key(tensor: gs.Tensor) -> tuple[object, ...]:
+        index = id(tensor)
+        if isinstance(tensor, gs.Constant):  # lazily loaded values change identity on first use: skip it
+            return (index, tensor.name, tensor.dtype, tuple(tensor.shape))
+        shape = tensor.shape
+        return (index, tensor.name, tensor.dtype, tuple(shape) if shape is not None else None)
 
-    for tensor in graph.inputs:
-        digest.update(b"i" + tensor_key(tensor).encode())
+    items: list[object] = [tuple(tensor_key(t) for t in graph.inputs)]
     for node in graph.nodes:
-        parts = [node.op, node.domain or "", node.name or ""]
-        parts += [tensor_key(t) for t in node.inputs] + ["->"] + [tensor_key(t) for t in node.outputs]
-        parts += [f"{k}={_attr_key(v)}" for k, v in sorted(node.attrs.items())]
-        digest.update("|".join(parts).encode())
-    for tensor in graph.outputs:
-        digest.update(b"o" + tensor_key(tensor).encode())
-    return digest.hexdigest()
+        items.append((
+            node.op, node.domain, node.name,
+            tuple(tensor_key(t) for t in node.inputs), tuple(tensor_key(t) for t in node.outputs),
+            tuple((k, _attr_key(v)) for k, v in node.attrs.items()),
+        ))
+    items.append(tuple(tensor_key(t) for t in graph.outputs))
+    return hash(tuple(items))
 
 
-def _attr_key(value: object) -> str:
+def _attr_key(value: object) -> object:
     if isinstance(value, gs.Graph):
-        return f"graph:{fingerprint(value)}"
+        return ("graph", fingerprint(value))
     if isinstance(value, gs.Constant):
-        return f"tensor:{id(value.values)}:{value.dtype}:{tuple(value.shape or ())}"
+        return ("tensor", id(value), value.dtype, tuple(value.shape))
     if isinstance(value, np.ndarray):
-        return f"array:{value.dtype}:{value.shape}:{hashlib.blake2b(value.tobytes(), digest_size=8).hexdigest()}"
-    return repr(value)
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, list):
+        return tuple(_attr_key(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 def node_count(graph: gs.Graph) -> int:

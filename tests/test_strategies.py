@@ -51,7 +51,11 @@ def _check_and_run(model: onnx.ModelProto) -> None:
         assert np.isfinite(array).all(), value.name
         declared = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
         assert len(declared) == array.ndim, (value.name, declared, array.shape)
-        assert all(d is None or d == a for d, a in zip(declared, array.shape)), (value.name, declared, array.shape)
+        assert all(d is None or d == a for d, a in zip(declared, array.shape, strict=True)), (
+            value.name,
+            declared,
+            array.shape,
+        )
 
 
 def _assert_unique_names(model: onnx.ModelProto) -> None:

@@ -19,10 +19,12 @@ import itertools
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -171,7 +173,7 @@ class _Builder:
         self,
         op: str,
         inputs: Sequence[str],
-        attrs: dict[str, object] | None = None,
+        attrs: Mapping[str, Any] | None = None,
         *,
         dims: _Dims | None = None,
         bound: float = 1.0,
@@ -319,7 +321,7 @@ def _emit_reduce_mean(draw: st.DrawFn, b: _Builder, t: str, axes: Sequence[int],
     dims = b.dims[t]
     spelled = [a - len(dims) if draw(st.booleans()) else a for a in axes]
     out = tuple(_Dim(1) if i in axes else d for i, d in enumerate(dims) if keepdims or i not in axes)
-    attrs: dict[str, object] = {"keepdims": keepdims}
+    attrs: dict[str, Any] = {"keepdims": keepdims}
     inputs = [t]
     if b.opset >= 18:
         inputs.append(_int_const(draw, b, spelled))
@@ -447,7 +449,9 @@ def _step_expand(draw: st.DrawFn, b: _Builder, t: str) -> str:
     ones = b.emit("ConstantOfShape", [b.emit("Shape", [target])], {"value": one})
     is_free = b.emit("Equal", [target, _int_const(draw, b, -1)])
     fixed = b.emit("Where", [is_free, ones, target])
-    expanded_dims = tuple(d if s or i not in axes else _Dim(1) for i, (d, s) in enumerate(zip(dims, sized)))
+    expanded_dims = tuple(
+        d if s or i not in axes else _Dim(1) for i, (d, s) in enumerate(zip(dims, sized, strict=True))
+    )
     expanded = b.emit("Expand", [mean, fixed], dims=expanded_dims, bound=b.bound[mean])
     t = _tame(draw, b, t, _TAME_LIMIT / 2)
     expanded = _tame(draw, b, expanded, _TAME_LIMIT / 2)
@@ -591,7 +595,7 @@ def _draw_binary(draw: st.DrawFn, b: _Builder) -> None:
         return
     op = draw(st.sampled_from(("Add", "Sub", "Mul")))
     fits = [n for n in b.pool if (out := _broadcast(b.dims[x], b.dims[n])) and _numel(out) <= _MAX_ELEMENTS]
-    if fits and draw(st.booleans()):
+    if draw(st.booleans()) and fits:
         y = draw(st.sampled_from(fits))
     else:
         y = _const_operand(draw, b, _broadcastable_shape(draw, b.dims[x]))
@@ -707,7 +711,7 @@ def _concat_partner(draw: st.DrawFn, b: _Builder, dims: _Dims, axis: int) -> str
         other = b.dims[n]
         if len(other) != len(dims) or other[axis].label is not None:
             return False
-        return all(o.same(d) for i, (o, d) in enumerate(zip(other, dims)) if i != axis)
+        return all(o.same(d) for i, (o, d) in enumerate(zip(other, dims, strict=True)) if i != axis)
 
     return draw(st.sampled_from([n for n in b.pool if fits(n)]))
 
@@ -828,7 +832,7 @@ def _draw_outputs(draw: st.DrawFn, b: _Builder, max_nodes: int) -> list[str]:
     options.sort(key=lambda n: -len(_ancestors(b, n)))  # the largest subgraphs first
     outputs = options[: draw(st.integers(1, 2))]
     others = [n for n in candidates if n != outputs[0]]
-    if others and draw(st.booleans()):  # at times an inner tensor that other nodes also read
+    if draw(st.booleans()) and others:  # at times an inner tensor that other nodes also read
         outputs = [outputs[0], draw(st.sampled_from(others))]
     for index, name in enumerate(outputs):
         if len(b.nodes) < max_nodes and draw(st.booleans()):
@@ -867,7 +871,7 @@ def _shape_chain_graph(draw: st.DrawFn, opsets: tuple[int, ...]) -> onnx.ModelPr
         current = _step_fill_mul(draw, b, current)
     outputs = [current]
     earlier = [n for n in b.pool if n in b.computed and n != current]
-    if earlier and draw(st.booleans()):
+    if draw(st.booleans()) and earlier:
         outputs.append(draw(st.sampled_from(earlier)))
     return b.to_model(outputs)
 
@@ -891,7 +895,7 @@ def onnx_graphs(
     *,
     max_nodes: int = 12,
     opsets: Sequence[int] = (13, 17, 18),
-    dtypes: Sequence[np.dtype] = (np.float32,),
+    dtypes: Sequence[npt.DTypeLike] = (np.float32,),
     allow_dynamic: bool = True,
 ) -> st.SearchStrategy[onnx.ModelProto]:
     """Random DAGs of at most `max_nodes` nodes over 1-3 float inputs (one dtype per graph), rich in

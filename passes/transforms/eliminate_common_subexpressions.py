@@ -74,7 +74,7 @@ class EliminateCommonSubexpressions(Pass):
                 if keeper is None:
                     bucket.append((tensor, values))
                 elif keeper is not tensor:
-                    node.inputs[index] = keeper
+                    ir.set_input(node, index, keeper)
                     merged += 1
         return merged
 

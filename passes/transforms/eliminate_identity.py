@@ -95,8 +95,8 @@ def _rename_into_output(
     if any(consumer is not node for consumer in source.outputs):
         return "input has other consumers"
     index = next(i for i, t in enumerate(producer.outputs) if t is source)
-    node.outputs.clear()
-    producer.outputs[index] = result
+    ir.detach_node(node)
+    ir.set_output(producer, index, result)
     result.dtype = result.dtype or source.dtype
     result.shape = result.shape if result.shape is not None else source.shape
     return None

@@ -155,6 +155,16 @@ def detach_node(node: gs.Node) -> None:
     list.clear(node.outputs)
 
 
+def remove_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> None:
+    """Detach `nodes` and drop them from the graph's node list, in one sweep of the list."""
+    if not nodes:
+        return
+    for node in nodes:
+        detach_node(node)
+    gone = {id(n) for n in nodes}
+    graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+
+
 def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     """node.inputs[index] = tensor, keeping both tensors' consumer lists exact (by identity)."""
     _remove_by_identity(node.inputs[index].outputs, node)

@@ -1,4 +1,5 @@
-"""Shared test set-up: hypothesis profiles (`dev` locally, `ci` when CI=true) and small fixtures."""
+"""Shared test set-up: hypothesis profiles (`dev` locally, `ci` when CI=true, `soak` on request via
+HYPOTHESIS_PROFILE=soak for a long bug hunt) and small fixtures."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+settings.register_profile("soak", max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from passes.testing import strategies
 
 # Explicit deadline only; max_examples and the rest come from the active profile (tests/conftest.py).
-_profile = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_profile = settings(deadline=None)
 # The coverage runs are fixed: derandomized, generation only, a set number of examples.
 _COVERAGE = settings(
     derandomize=True,

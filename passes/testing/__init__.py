@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
+from passes._pass import Pass, PassResult
 from passes.verify import Comparison, compare_models, random_feeds, run_model
 
-__all__ = ["assert_equivalent", "random_feeds", "run_model", "EquivalenceError"]
+__all__ = ["assert_equivalent", "assert_pass_sound", "random_feeds", "run_model", "EquivalenceError"]
 
 
 class EquivalenceError(AssertionError):
@@ -47,3 +48,23 @@ def assert_equivalent(
         ]
         raise EquivalenceError(f"models differ (rtol={rtol:g}, atol={atol:g}, seed={seed}):\n" + "\n".join(lines))
     return comparison
+
+
+def assert_pass_sound(
+    pass_: Pass,
+    model: onnx.ModelProto,
+    *,
+    rtol: float,
+    atol: float,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> PassResult:
+    """The three properties every pass owes on every graph: the result passes the full ONNX checker,
+    computes the same outputs (within `rtol`/`atol`), and a second run reports `modified=False`.
+    Returns the first run's result for further assertions."""
+    once = pass_(model)
+    assert isinstance(once.model, onnx.ModelProto)
+    onnx.checker.check_model(once.model, full_check=True)
+    assert_equivalent(model, once.model, rtol=rtol, atol=atol, input_shapes=input_shapes)
+    again = pass_(once.model)
+    assert not again.modified, f"{pass_.name} is not idempotent: the second run reported {again.stats}"
+    return once

@@ -5,7 +5,8 @@
 
 Nodes are visited in topological order, so whole duplicated chains collapse in one run. A node is a
 candidate when it is deterministic (no Random*, no Dropout), has no subgraph and its domain is known.
-A duplicate whose outputs are graph outputs stays (merging would drop an output name).
+When the duplicate produces a graph output, the first node takes over that output name; when both
+produce graph outputs they stay (one value cannot have two names without an Identity).
 """
 
 from __future__ import annotations
@@ -46,15 +47,10 @@ class EliminateCommonSubexpressions(Pass):
             if first is None:
                 seen[key] = node
                 continue
-            if any(id(t) in outputs for t in node.outputs):
+            if not _merge_into(graph, first, node, outputs):
                 continue
-            for duplicate, original in zip(node.outputs, first.outputs):
-                ir.replace_all_uses(duplicate, original)
-            ir.detach_node(node)
             removed.append(node)
-        if removed:
-            gone = {id(n) for n in removed}
-            graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+        ir.remove_nodes(graph, removed)
         stats = {"nodes_removed": len(removed), "constants_merged": constants_merged}
         return PassResult(graph, bool(removed or constants_merged), stats)
 
@@ -77,6 +73,22 @@ class EliminateCommonSubexpressions(Pass):
                     ir.set_input(node, index, keeper)
                     merged += 1
         return merged
+
+
+def _merge_into(graph: gs.Graph, first: gs.Node, duplicate: gs.Node, outputs: set[int]) -> bool:
+    """Make `first` compute what `duplicate` did; graph output names survive. False when both
+    produce graph outputs at one position (two names for one value: nothing to merge)."""
+    pairs = list(zip(first.outputs, duplicate.outputs))
+    if any(id(a) in outputs and id(b) in outputs for a, b in pairs):
+        return False
+    ir.detach_node(duplicate)
+    for kept, dropped in pairs:
+        ir.replace_all_uses(dropped, kept)
+        if id(dropped) in outputs:  # the first node's tensor takes over the graph output and its name
+            graph.outputs[next(i for i, t in enumerate(graph.outputs) if t is dropped)] = kept
+            kept.name, dropped.name = dropped.name, f"{dropped.name}/merged"
+            outputs.add(id(kept))
+    return True
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:

@@ -1,10 +1,10 @@
-"""`eliminate-dead-code`: remove nodes, initializers and Constant nodes no graph output depends on.
+"""`eliminate-dead-code`: remove nodes (Constant nodes too) that no graph output depends on.
 
     node with no live output (and no side effects) -> removed
 
 Liveness flows backwards from the graph outputs through node inputs and through the outer-scope
 tensors that If/Loop/Scan bodies read. Graph inputs are never removed (that would change the model's
-interface), even when unused.
+interface), even when unused. Initializers nothing reads are dropped when the graph is exported.
 """
 
 from __future__ import annotations
@@ -19,17 +19,14 @@ from passes._pass import Pass, PassResult
 
 @dataclass(frozen=True)
 class EliminateDeadCode(Pass):
-    """Remove nodes and initializers that no graph output depends on."""
+    """Remove nodes that no graph output depends on (unread initializers go with them)."""
 
     name = "eliminate-dead-code"
 
     def call(self, graph: gs.Graph) -> PassResult:
         live_nodes = live_node_ids(graph)
         dead = [node for node in graph.nodes if id(node) not in live_nodes]
-        for node in dead:
-            ir.detach_node(node)
-        if dead:
-            graph.nodes = [node for node in graph.nodes if id(node) in live_nodes]
+        ir.remove_nodes(graph, dead)
         return PassResult(graph, bool(dead), {"nodes_removed": len(dead)})
 
 

@@ -36,17 +36,15 @@ class EliminateIdentity(Pass):
                 continue
             source, result = node.inputs[0], node.outputs[0]
             if id(result) in outputs:
-                refusal = _rename_into_output(graph, node, source, result, outputs)
+                refusal = _rename_into_output(node, source, result, outputs)
                 if refusal is not None:
                     refusals.append(Refusal(node.name or node.op, refusal))
                     continue
             else:
                 ir.replace_all_uses(result, source)
-            ir.detach_node(node)
+            ir.detach_node(node)  # now, so later identities in a chain see exact consumer lists
             removed.append(node)
-        if removed:
-            gone = {id(n) for n in removed}
-            graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+        ir.remove_nodes(graph, removed)
         return PassResult(graph, bool(removed), {"nodes_removed": len(removed)}, refusals)
 
 
@@ -83,9 +81,7 @@ def _same_dtype(source: object, target: object) -> bool:
         return False
 
 
-def _rename_into_output(
-    graph: gs.Graph, node: gs.Node, source: gs.Tensor, result: gs.Tensor, outputs: set[int]
-) -> str | None:
+def _rename_into_output(node: gs.Node, source: gs.Tensor, result: gs.Tensor, outputs: set[int]) -> str | None:
     """Make the producer of `source` write the graph output `result` directly, or say why not."""
     producer = ir.producer(source)
     if producer is None:

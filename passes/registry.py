@@ -30,6 +30,7 @@ BUILTIN_PASSES: Mapping[str, str] = MappingProxyType(
         ),
         "fold-constants": "passes.transforms.fold_constants:FoldConstants",
         "freeze-shapes": "passes.transforms.freeze_shapes:FreezeShapes",
+        "fold-transpose": "passes.transforms.fold_transpose:FoldTranspose",
     }
 )
 

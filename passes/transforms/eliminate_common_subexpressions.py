@@ -87,6 +87,8 @@ def _merge_into(graph: gs.Graph, first: gs.Node, duplicate: gs.Node, outputs: se
         if id(dropped) in outputs:  # the first node's tensor takes over the graph output and its name
             graph.outputs[next(i for i, t in enumerate(graph.outputs) if t is dropped)] = kept
             kept.name, dropped.name = dropped.name, f"{dropped.name}/merged"
+            kept.dtype = kept.dtype if kept.dtype is not None else dropped.dtype
+            kept.shape = kept.shape if kept.shape is not None else dropped.shape
             outputs.add(id(kept))
     return True
 

@@ -15,8 +15,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
-from passes.io import PROTOBUF_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +31,15 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Graph:
-    """Convert a model to a graphsurgeon graph, running ONNX shape inference first when it fits."""
-    if infer_shapes and model.ByteSize() < PROTOBUF_LIMIT:
-        try:
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except (onnx.shape_inference.InferenceError, RuntimeError) as err:
-            logger.warning("shape inference failed, continuing without it: %s", err)
+    """Convert a model to a graphsurgeon graph and annotate it with ONNX shape inference.
+
+    Inference runs on a copy of the model without its large weights, so it costs the same for a
+    100 KB and a 10 GB model and never hits protobuf's 2 GB limit. The model is not modified.
+    """
     graph = gs.import_onnx(model)
     graph._passes_model_meta = _model_meta(model)  # carried through to export_model
+    if infer_shapes:
+        _infer_into(graph, _model_skeleton(model))
     return graph
 
 
@@ -204,25 +206,40 @@ def fingerprint(graph: gs.Graph) -> int:
     Constants are identified by object, name, dtype and shape, never loaded or hashed byte by byte
     (so a pass that overwrites a constant's values in place with same-shaped data goes unseen): the
     fingerprint catches passes that change the graph and say they did not, on every run, so it has
-    to be cheap.
+    to be cheap: each tensor's properties are read once, wiring is recorded by object identity.
     """
-
-    def tensor_key(tensor: gs.Tensor) -> tuple[object, ...]:
-        index = id(tensor)
-        if isinstance(tensor, gs.Constant):  # lazily loaded values change identity on first use: skip it
-            return (index, tensor.name, tensor.dtype, tuple(tensor.shape))
-        shape = tensor.shape
-        return (index, tensor.name, tensor.dtype, tuple(shape) if shape is not None else None)
-
-    items: list[object] = [tuple(tensor_key(t) for t in graph.inputs)]
+    parts: list[object] = []
+    add = parts.append
+    tensors: dict[int, gs.Tensor] = {}
+    for tensor in graph.inputs:
+        tensors[id(tensor)] = tensor
+        add(id(tensor))
     for node in graph.nodes:
-        items.append((
-            node.op, node.domain, node.name,
-            tuple(tensor_key(t) for t in node.inputs), tuple(tensor_key(t) for t in node.outputs),
-            tuple((k, _attr_key(v)) for k, v in node.attrs.items()),
-        ))
-    items.append(tuple(tensor_key(t) for t in graph.outputs))
-    return hash(tuple(items))
+        add(node.op)
+        add(node.name)
+        add(node.domain)
+        for tensor in node.inputs:
+            tensors[id(tensor)] = tensor
+            add(id(tensor))
+        add(None)
+        for tensor in node.outputs:
+            tensors[id(tensor)] = tensor
+            add(id(tensor))
+        if node.attrs:
+            add(tuple((k, _attr_key(v)) for k, v in node.attrs.items()))
+    for tensor in graph.outputs:
+        tensors[id(tensor)] = tensor
+        add(id(tensor))
+    for key, tensor in tensors.items():
+        add(key)
+        add(tensor.name)
+        if isinstance(tensor, gs.Constant):  # lazily loaded values change identity on first use: skip it
+            values = tensor._values
+            add((values.dtype, tuple(values.shape)))
+        else:
+            shape = tensor.shape
+            add((tensor.dtype, tuple(shape) if shape is not None else None))
+    return hash(tuple(parts))
 
 
 def _attr_key(value: object) -> object:
@@ -252,14 +269,17 @@ _INFERENCE_INLINE_BYTES = 64 * 1024
 def refresh_shapes(graph: gs.Graph) -> int:
     """Re-run ONNX shape inference (with data propagation) and write the results into the graph.
 
-    Large initializers are passed to inference as typed inputs without their bytes, so this works on
-    models of any size. Returns how many tensors got a new shape or dtype.
+    Inference sees the graph without the bytes of its large constants (they become typed inputs),
+    so this costs the same at any model size. Returns how many tensors got a new shape or dtype.
     """
-    skeleton = _inference_skeleton(gs.export_onnx(graph, do_type_check=False))
+    return _infer_into(graph, _graph_skeleton(graph))
+
+
+def _infer_into(graph: gs.Graph, skeleton: onnx.ModelProto) -> int:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as err:
-        logger.warning("shape inference failed: %s", err)
+        logger.warning("shape inference failed, continuing without it: %s", str(err).splitlines()[0])
         return 0
     tensors = graph.tensors()
     changed = 0
@@ -271,13 +291,10 @@ def refresh_shapes(graph: gs.Graph) -> int:
     return changed
 
 
-def _inference_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def _model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without large initializer bytes: those become typed graph inputs."""
-    skeleton = onnx.ModelProto(ir_version=model.ir_version)
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
+    skeleton = _empty_like(model.ir_version, model.opset_import, model.functions, model.graph.name)
     graph = skeleton.graph
-    graph.name = model.graph.name
     for field in ("node", "input", "output", "value_info"):
         getattr(graph, field).extend(getattr(model.graph, field))
     for init in model.graph.initializer:
@@ -285,6 +302,37 @@ def _inference_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             graph.initializer.append(init)
+    return skeleton
+
+
+def _graph_skeleton(graph: gs.Graph) -> onnx.ModelProto:
+    """Export the graph for shape inference: nodes, inputs, outputs and small constants only."""
+    meta = getattr(graph, "_passes_model_meta", None)
+    opsets = [onnx.helper.make_opsetid("", int(graph.opset))]
+    opsets += [e for e in getattr(graph, "import_domains", None) or () if e.domain not in DEFAULT_DOMAINS]
+    skeleton = _empty_like(meta.ir_version if meta is not None else 8, opsets, [], graph.name or "graph")
+    out = skeleton.graph
+    out.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    out.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    out.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
+            continue
+        values = tensor._values
+        if int(np.prod(values.shape, dtype=np.int64)) * np.dtype(values.dtype).itemsize > _INFERENCE_INLINE_BYTES:
+            out.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(values.dtype)), list(values.shape)))
+        else:
+            out.initializer.append(OnnxExporter.export_tensor_proto(tensor))
+    return skeleton
+
+
+def _empty_like(ir_version: int, opsets: Iterable[onnx.OperatorSetIdProto], functions: Iterable[onnx.FunctionProto],
+                name: str) -> onnx.ModelProto:
+    skeleton = onnx.ModelProto(ir_version=ir_version)
+    skeleton.opset_import.extend(opsets)
+    skeleton.functions.extend(functions)
+    skeleton.graph.name = name
     return skeleton
 
 

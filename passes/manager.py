@@ -9,6 +9,7 @@ JSON-serialisable `PipelineReport`; the library prints nothing.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -206,6 +207,18 @@ class PassManager:
 
     def run(self, model: onnx.ModelProto) -> RunResult:
         """Run the pipeline on `model` (left untouched) and return the new model and the report."""
+        # graphsurgeon graphs are dense with reference cycles (tensor <-> node); the cyclic collector
+        # rescans them over and over while passes allocate, costing ~30 % on 7,000-node graphs.
+        # Nothing here creates garbage cycles that must be reclaimed before the run ends.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(model)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, model: onnx.ModelProto) -> RunResult:
         pipeline = self.resolved_pipeline()
         instruments = self._instruments()
         start = time.perf_counter()

@@ -1,0 +1,128 @@
+"""How fast is `canonicalize` next to its peers, and how does its cost grow with graph size?
+
+Side by side, in one process run, on the bundled tiny-llama decoder at 2, 8 and 32 layers (the 32-layer
+TorchScript-idiom graph has ~6,500 nodes): our default pipeline (`passes.optimize`, checker on, and
+with the checker off), onnxsim, onnxruntime's offline optimizer (ORT_ENABLE_EXTENDED, writing the
+optimized model), and onnxoptimizer. Each timing is the best of `--repeat` runs. Prints a table with
+ratios against onnxsim and growth against the smallest graph, and writes JSON.
+
+    python bench/pipeline_speed.py [--layers 2 8 32] [--repeat 3] [--json out/pipeline_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+from rich.console import Console
+from rich.table import Table
+
+import passes
+from passes.manager import PassManager
+from passes.samples import build_sample
+
+
+def _best(fn: Callable[[], object], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _onnxsim(model: onnx.ModelProto) -> None:
+    import onnxsim
+
+    onnxsim.simplify(model)
+
+
+def _ort_offline(model: onnx.ModelProto) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _onnxoptimizer(model: onnx.ModelProto) -> None:
+    import onnxoptimizer
+
+    onnxoptimizer.optimize(model)
+
+
+TOOLS: dict[str, Callable[[onnx.ModelProto], object]] = {
+    "ours": passes.optimize,
+    "ours -chk": lambda m: PassManager(check=False).run(m),
+    "onnxsim": _onnxsim,
+    "ORT": _ort_offline,
+    "onnxopt": _onnxoptimizer,
+}
+
+
+def run(layers: list[int], repeat: int) -> dict[str, object]:
+    rows = []
+    for count in layers:
+        model = build_sample("tiny-llama", layers=count)
+        nodes_after = len(passes.optimize(model).graph.node)
+        times = {name: _best(lambda fn=fn: fn(model), repeat) for name, fn in TOOLS.items()}
+        rows.append({"layers": count, "nodes": len(model.graph.node), "nodes_after": nodes_after, "seconds": times})
+    return {
+        "bench": "pipeline_speed",
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "repeat": repeat,
+        "rows": rows,
+    }
+
+
+def render(result: dict[str, object]) -> None:
+    rows = result["rows"]
+    assert isinstance(rows, list)
+    base = rows[0]
+    table = Table(
+        title=f"canonicalize vs peers on tiny-llama, seconds, best of {result['repeat']} "
+        "(ours -chk: without the per-pass checker; ORT: onnxruntime offline optimizer)"
+    )
+    table.add_column("layers", justify="right")
+    table.add_column("nodes", justify="right")
+    for name in TOOLS:
+        table.add_column(name, justify="right")
+    table.add_column("ours/onnxsim", justify="right")
+    table.add_column("growth nodes/ours", justify="right")
+    for row in rows:
+        secs = row["seconds"]
+        ratio = secs["ours"] / secs["onnxsim"]
+        growth_nodes = row["nodes"] / base["nodes"]
+        growth_time = secs["ours"] / base["seconds"]["ours"]
+        table.add_row(
+            str(row["layers"]), f"{row['nodes']} -> {row['nodes_after']}",
+            *(f"{secs[name]:.3f}" for name in TOOLS),
+            f"{ratio:.2f}x", f"{growth_nodes:.1f}x/{growth_time:.1f}x",
+        )
+    Console().print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=Path("out/pipeline_speed.json"))
+    args = parser.parse_args()
+    result = run(args.layers, args.repeat)
+    render(result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    Console().print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

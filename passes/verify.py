@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from passes.errors import VerificationError
+from passes.io import PROTOBUF_LIMIT, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +142,25 @@ def _index_bound(model: onnx.ModelProto, name: str) -> int:
 
 
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of `model` on `feeds`: onnxruntime without its graph optimisations, else onnx.reference."""
+    """Outputs of `model` on `feeds`: onnxruntime without its graph optimisations, else onnx.reference.
+
+    A model over protobuf's 2 GB limit is handed to onnxruntime as a file with external data."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     names = [o.name for o in model.graph.output]
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # ORT lacks the op, or the opset: onnx.reference implements the spec
-        logger.info("onnxruntime cannot load the model (%s); using onnx.reference", str(err).splitlines()[0])
-        return _run_reference(model, feeds, names)
+    with tempfile.TemporaryDirectory(prefix="passes-verify-") as folder:
+        if model.ByteSize() >= PROTOBUF_LIMIT:
+            source: str | bytes = str(save_model(model, Path(folder) / "model.onnx", external_data=True))
+        else:
+            source = model.SerializeToString()
+        try:
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT lacks the op, or the opset: onnx.reference implements the spec
+            logger.info("onnxruntime cannot load the model (%s); using onnx.reference", str(err).splitlines()[0])
+            return _run_reference(model, feeds, names)
     try:
         return dict(zip(names, session.run(names, dict(feeds))))
     except Exception as err:

@@ -67,6 +67,14 @@ def _model_meta(model: onnx.ModelProto) -> onnx.ModelProto:
     return meta
 
 
+def as_np_dtype(dtype: object) -> np.dtype:
+    """A numpy dtype from what graphsurgeon stores: a numpy type, or an ONNX enum for types numpy
+    lacks (bfloat16, float8) which maps to ml_dtypes' numpy types."""
+    if isinstance(dtype, (int, np.integer)):
+        return onnx.helper.tensor_dtype_to_np_dtype(int(dtype))
+    return np.dtype(dtype)  # type: ignore[arg-type]
+
+
 def opset_version(graph: gs.Graph | onnx.ModelProto, domain: str = "") -> int:
     """The graph's opset for `domain` ("" and "ai.onnx" are the same), or 0 when not imported."""
     if isinstance(graph, onnx.ModelProto):
@@ -340,7 +348,7 @@ def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor) -> int:
     changed = 0
     if info.elem_type:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
-        if tensor.dtype is None or np.dtype(tensor.dtype) != dtype:
+        if tensor.dtype is None or as_np_dtype(tensor.dtype) != dtype:
             tensor.dtype = dtype
             changed = 1
     if info.HasField("shape"):

@@ -31,6 +31,9 @@ BUILTIN_PASSES: Mapping[str, str] = MappingProxyType(
         "fold-constants": "passes.transforms.fold_constants:FoldConstants",
         "freeze-shapes": "passes.transforms.freeze_shapes:FreezeShapes",
         "fold-transpose": "passes.transforms.fold_transpose:FoldTranspose",
+        "decompose-layer-norm": "passes.transforms.decompose_layer_norm:DecomposeLayerNorm",
+        "decompose-rms-norm": "passes.transforms.decompose_rms_norm:DecomposeRmsNorm",
+        "decompose-gelu": "passes.transforms.decompose_gelu:DecomposeGelu",
     }
 )
 

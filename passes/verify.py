@@ -119,7 +119,7 @@ def random_feeds(
         dtype = helper.tensor_dtype_to_np_dtype(elem_type)
         shape = shapes[value.name]
         if dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
+            feeds[value.name] = np.asarray(rng.random(shape) < 0.5)
         elif np.issubdtype(dtype, np.integer):
             high = _index_bound(model, value.name)
             feeds[value.name] = rng.integers(0, high, size=shape).astype(dtype)

@@ -72,11 +72,8 @@ def _not_an_identity(node: gs.Node) -> str | None:
 
 
 def _same_dtype(source: object, target: object) -> bool:
-    from onnx import helper
-
     try:
-        to_np = helper.tensor_dtype_to_np_dtype(target) if isinstance(target, int) else np.dtype(target)
-        return np.dtype(source) == to_np  # type: ignore[arg-type]
+        return ir.as_np_dtype(source) == ir.as_np_dtype(target)
     except (TypeError, KeyError):
         return False
 

@@ -1,9 +1,9 @@
 """Evaluate one ONNX node on constant numpy inputs, for the `fold-constants` pass.
 
-`evaluate_node` runs a numpy fast path (`passes._evaluate_ops`) for the ops that shape
-computations and weight preprocessing use, and every other default-domain op through
-`onnx.reference`. Nodes that cannot be evaluated at compile time (custom domains, subgraph
-attributes, random ops, invalid inputs) raise `EvaluationUnsupported` with the reason.
+`evaluate_node` runs a numpy fast path (`passes._evaluate_ops`, `passes._evaluate_shape_ops`)
+for the ops that shape computations and weight preprocessing use, and every other default-domain
+op through `onnx.reference`. Nodes that cannot be evaluated at compile time (custom domains,
+subgraph attributes, random ops, invalid inputs) raise `EvaluationUnsupported` with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from passes import _evaluate_ops as ops
+from passes import _evaluate_shape_ops as shape_ops
 
 __all__ = ["NONDETERMINISTIC_OPS", "EvaluationUnsupported", "evaluate_node"]
 
@@ -97,24 +98,24 @@ _FAST_PATHS: Mapping[str, ops.OpImpl] = MappingProxyType(
         "ReduceMin": ops.reduce(ops.reduce_min, input_since=18),
         "CumSum": ops.cumsum,
         "Softmax": ops.softmax,
-        "Shape": ops.shape,
-        "Size": ops.size,
-        "Gather": ops.gather,
-        "Unsqueeze": ops.unsqueeze,
-        "Squeeze": ops.squeeze,
-        "Concat": ops.concat,
-        "Reshape": ops.reshape,
-        "Transpose": ops.transpose,
-        "Flatten": ops.flatten,
-        "Slice": ops.slice_,
-        "Split": ops.split,
-        "Expand": ops.expand,
-        "Tile": ops.tile,
-        "Trilu": ops.trilu,
-        "NonZero": ops.nonzero,
-        "Constant": ops.constant,
-        "ConstantOfShape": ops.constant_of_shape,
-        "Range": ops.range_,
+        "Shape": shape_ops.shape,
+        "Size": shape_ops.size,
+        "Gather": shape_ops.gather,
+        "Unsqueeze": shape_ops.unsqueeze,
+        "Squeeze": shape_ops.squeeze,
+        "Concat": shape_ops.concat,
+        "Reshape": shape_ops.reshape,
+        "Transpose": shape_ops.transpose,
+        "Flatten": shape_ops.flatten,
+        "Slice": shape_ops.slice_,
+        "Split": shape_ops.split,
+        "Expand": shape_ops.expand,
+        "Tile": shape_ops.tile,
+        "Trilu": shape_ops.trilu,
+        "NonZero": shape_ops.nonzero,
+        "Constant": shape_ops.constant,
+        "ConstantOfShape": shape_ops.constant_of_shape,
+        "Range": shape_ops.range_,
         "MatMul": ops.matmul,
         "Gemm": ops.gemm,
         "Einsum": ops.einsum,

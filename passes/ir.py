@@ -361,7 +361,8 @@ def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor) -> int:
 
 
 def _more_static(new: list[object], old: list[object]) -> bool:
-    """Accept inferred shapes that are at least as static as what the graph has."""
+    """Accept an inferred shape only when it knows more than the graph does (a rank, or more fixed
+    dims): inference names unknown dims afresh (`unk__3`) on every run, and renaming them is no news."""
     if len(new) != len(old):
         return True
-    return sum(isinstance(d, int) for d in new) >= sum(isinstance(d, (int, np.integer)) for d in old)
+    return sum(isinstance(d, int) for d in new) > sum(isinstance(d, (int, np.integer)) for d in old)

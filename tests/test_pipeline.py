@@ -66,7 +66,7 @@ def test_freeze_shapes_takes_input_names_as_options() -> None:
     ("text", "message"),
     [
         ("", "empty pipeline"),
-        ("no-such-pass", "known passes: eliminate-common-subexpressions, eliminate-dead-code"),
+        ("no-such-pass", "unknown pass 'no-such-pass'; known passes: "),
         ("fold-constants{nope=1}", "no option 'nope' (options: max_bytes, fold_shapes)"),
         ("fold-constants{max_bytes=big}", "expected an integer"),
         ("fold-constants{fold_shapes=maybe}", "expected true/false"),
@@ -85,6 +85,13 @@ def test_bad_pipelines_name_the_problem(text: str, message: str) -> None:
     with pytest.raises(PipelineError) as info:
         parse_pipeline(text)
     assert message in str(info.value)
+
+
+def test_unknown_pass_lists_every_known_pass() -> None:
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline("fold-constant")
+    listed = str(info.value).split("known passes: ")[1].split(", ")
+    assert listed == sorted(BUILTIN_PASSES) and "fold-constants" in listed
 
 
 def test_option_types_parse_from_strings() -> None:

@@ -34,6 +34,8 @@ BUILTIN_PASSES: Mapping[str, str] = MappingProxyType(
         "decompose-layer-norm": "passes.transforms.decompose_layer_norm:DecomposeLayerNorm",
         "decompose-rms-norm": "passes.transforms.decompose_rms_norm:DecomposeRmsNorm",
         "decompose-gelu": "passes.transforms.decompose_gelu:DecomposeGelu",
+        "fuse-matmul-add": "passes.transforms.fuse_matmul_add:FuseMatMulAdd",
+        "fuse-qkv": "passes.transforms.fuse_qkv:FuseQkv",
     }
 )
 

@@ -60,6 +60,7 @@ class RewriteContext:
         self.graph_outputs = ir.graph_output_ids(graph)
         self._names = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
         self._counter = itertools.count()
+        self._positions = {id(n): i for i, n in enumerate(graph.nodes)}
 
     # -- matching helpers --------------------------------------------------------------------
     def producer(self, tensor: gs.Tensor, ops: str | Sequence[str]) -> gs.Node | None:
@@ -82,6 +83,11 @@ class RewriteContext:
 
     def is_graph_output(self, tensor: gs.Tensor) -> bool:
         return id(tensor) in self.graph_outputs
+
+    def position(self, node: gs.Node) -> int | None:
+        """The node's index in the graph's (topological) node list when the sweep began; None for
+        nodes created during the sweep."""
+        return self._positions.get(id(node))
 
     # -- rewriting helpers -------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -147,24 +153,41 @@ def apply_rules(graph: gs.Graph, rules: Sequence[RewriteRule]) -> RewriteStats:
     stats = RewriteStats()
     replaced: dict[int, list[gs.Node]] = {}
     removed: set[int] = set()
+    created: set[int] = set()  # nodes made in this sweep: matched again only in the next one
     for anchor in [n for n in graph.nodes if n.op in by_op and ir.is_default_domain(n)]:
         if id(anchor) in removed:
             continue
         for rule in by_op[anchor.op]:
             match = rule.match(anchor, ctx)
-            if match is None or any(id(n) in removed for n in match.nodes):
+            if match is None or any(id(n) in removed or id(n) in created for n in match.nodes):
                 continue
             reason = _escaping_output(match, ctx) or rule.check(match, ctx)
+            if reason is None:
+                replacement = rule.rewrite(match, ctx)
+                reason = _reads_removed(match, replacement)
             if reason is not None:
                 stats.refusals.append(Refusal(anchor.name or anchor.op, f"{type(rule).__name__}: {reason}"))
                 continue
-            replaced[id(anchor)] = _splice(match, rule.rewrite(match, ctx), ctx)
+            replaced[id(anchor)] = _splice(match, replacement, ctx)
+            created.update(id(n) for n in replaced[id(anchor)])
             removed.update(id(n) for n in match.nodes)
             stats.applied[type(rule).__name__] = stats.applied.get(type(rule).__name__, 0) + 1
             break
     if replaced:
         graph.nodes = [r for n in graph.nodes for r in (replaced.get(id(n), ()) if id(n) in removed else (n,))]
     return stats
+
+
+def _reads_removed(match: Match, replacement: Replacement) -> str | None:
+    """A reason when the replacement still reads an output of a node it removes (then it is undone)."""
+    doomed = {id(t): t for n in match.nodes if n is not match.anchor for t in n.outputs}
+    for node in replacement.nodes:
+        for tensor in node.inputs:
+            if id(tensor) in doomed:
+                for made in replacement.nodes:  # graphsurgeon already linked them as consumers
+                    ir.detach_node(made)
+                return f"the rewrite would still read '{tensor.name}', which it removes"
+    return None
 
 
 def _escaping_output(match: Match, ctx: RewriteContext) -> str | None:

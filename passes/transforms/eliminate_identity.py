@@ -30,19 +30,22 @@ class EliminateIdentity(Pass):
         outputs = ir.graph_output_ids(graph)
         removed: list[gs.Node] = []
         refusals: list[Refusal] = []
+        feeding_outputs: list[gs.Node] = []
         for node in graph.nodes:
-            reason = _not_an_identity(node)
-            if reason is not None:
+            if _not_an_identity(node) is not None:
                 continue
-            source, result = node.inputs[0], node.outputs[0]
-            if id(result) in outputs:
-                refusal = _rename_into_output(node, source, result, outputs)
-                if refusal is not None:
-                    refusals.append(Refusal(node.name or node.op, refusal))
-                    continue
-            else:
-                ir.replace_all_uses(result, source)
+            if id(node.outputs[0]) in outputs:  # after the others: their removal frees the input
+                feeding_outputs.append(node)
+                continue
+            ir.replace_all_uses(node.outputs[0], node.inputs[0])
             ir.detach_node(node)  # now, so later identities in a chain see exact consumer lists
+            removed.append(node)
+        for node in feeding_outputs:
+            refusal = _rename_into_output(node, node.inputs[0], node.outputs[0], outputs)
+            if refusal is not None:
+                refusals.append(Refusal(node.name or node.op, refusal))
+                continue
+            ir.detach_node(node)
             removed.append(node)
         ir.remove_nodes(graph, removed)
         return PassResult(graph, bool(removed), {"nodes_removed": len(removed)}, refusals)

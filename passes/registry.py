@@ -36,6 +36,8 @@ BUILTIN_PASSES: Mapping[str, str] = MappingProxyType(
         "decompose-gelu": "passes.transforms.decompose_gelu:DecomposeGelu",
         "fuse-matmul-add": "passes.transforms.fuse_matmul_add:FuseMatMulAdd",
         "fuse-qkv": "passes.transforms.fuse_qkv:FuseQkv",
+        "einsum-to-matmul": "passes.transforms.einsum_to_matmul:EinsumToMatMul",
+        "matmul-to-einsum": "passes.transforms.matmul_to_einsum:MatMulToEinsum",
     }
 )
 

@@ -203,12 +203,16 @@ def _norm_cases(draw: st.DrawFn, build: _Builder, opsets: Sequence[int], max_ins
     return PatternCase(e.model(outputs, shape, dtype), instances, opset, dtype, tuple(e.variants))
 
 
-def layer_norm_cases(opsets: Sequence[int] = tuple(range(13, 24)), max_instances: int = 3) -> st.SearchStrategy[PatternCase]:
+def layer_norm_cases(
+    opsets: Sequence[int] = tuple(range(13, 24)), max_instances: int = 3
+) -> st.SearchStrategy[PatternCase]:
     """Models with 1..max_instances decomposed LayerNorms, each fusable into LayerNormalization."""
     return _norm_cases(_layer_norm, opsets, max_instances)
 
 
-def rms_norm_cases(opsets: Sequence[int] = tuple(range(13, 24)), max_instances: int = 3) -> st.SearchStrategy[PatternCase]:
+def rms_norm_cases(
+    opsets: Sequence[int] = tuple(range(13, 24)), max_instances: int = 3
+) -> st.SearchStrategy[PatternCase]:
     """Models with 1..max_instances decomposed RMSNorms, each fusable into RMSNormalization."""
     return _norm_cases(_rms_norm, opsets, max_instances)
 

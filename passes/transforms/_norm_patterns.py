@@ -1,0 +1,563 @@
+"""Matching helpers shared by the fusion passes (fuse-layer-norm, fuse-rms-norm, fuse-gelu).
+
+Exporters spell a normalisation as `numerator / sqrt(mean(square) + eps)` in three ways
+(`Div(n, Sqrt)`, `Mul(n, Reciprocal(Sqrt))`, `Mul(n, Div(1, Sqrt))`), square as `Pow(s, 2)` or
+`Mul(s, s)`, give ReduceMean its axes as an attribute (opset < 18) or an int64 input (opset >= 18),
+and wrap the reduction in `Cast(float32) ... Cast(back)` for fp16 models. `match_standardized`
+reads all of those; `NormRule` adds the affine stages (`Cast` back, `Mul(scale)`, `Add(bias)`, either
+operand order) around a core that a subclass parses, and proves the fused op equal before it fires.
+
+Fused ops need a recent opset (LayerNormalization 17, Gelu 20, RMSNormalization 23). `run_fusion`
+refuses below it, or with `bump_opset` raises the graph's default-domain opset, but only when every
+node left after fusion means the same at the new opset (checked on a trial copy): each schema version
+in between must be in `COMPATIBLE_CHANGES`, a reviewed list of changes that only add types or add an
+attribute or optional input whose default keeps the old meaning (Shape-15 start/end, Reshape-14
+allowzero=0, Cast-19 saturate, which only affects float8), or the node must pass `NODE_COMPATIBLE`
+(Split-18 with an explicit `split` input, Reduce*-18 without an `axes` attribute). Anything else
+(ReduceMean-18 with axes as an attribute, GroupNormalization-21, Resize, quantisation ops, local
+functions) blocks the bump.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from passes import ir
+from passes._pass import PassResult
+from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
+
+FLOAT = TensorProto.FLOAT
+#: input types whose `Cast(float32) -> norm -> Cast(back)` the fused op reproduces with stash_type=1.
+STASHABLE = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT)
+
+
+# -- tensors ---------------------------------------------------------------------------------
+def elem_type(tensor: gs.Tensor) -> int | None:
+    """The ONNX element type of a tensor (constants included), or None when unknown."""
+    dtype = tensor.dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return dtype
+    try:
+        return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def type_name(elem: int | None) -> str:
+    return "unknown" if elem is None else TensorProto.DataType.Name(elem).lower()
+
+
+def rank(tensor: gs.Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def is_constant(tensor: gs.Tensor) -> bool:
+    """An initializer or a `Constant(value=...)` output, as `ir.constant_value` reads them, unloaded."""
+    node = ir.producer(tensor)
+    if node is None:
+        return isinstance(tensor, gs.Constant)
+    return node.op == "Constant" and ir.is_default_domain(node) and "value" in node.attrs
+
+
+def is_parameter(tensor: gs.Tensor, ctx: RewriteContext) -> bool:
+    """A constant or a graph input: what a scale or bias can be."""
+    return is_constant(tensor) or any(t is tensor for t in ctx.graph.inputs)
+
+
+def scalar_constant(ctx: RewriteContext, tensor: gs.Tensor, of_rank: int | None) -> np.ndarray | None:
+    """A one-element constant that cannot raise the rank of a tensor of rank `of_rank` when broadcast."""
+    if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) != 1:
+        return None  # a weight: do not load it
+    value = ctx.constant(tensor)
+    if value is None or value.size != 1:
+        return None
+    if value.ndim and (of_rank is None or value.ndim > of_rank):
+        return None
+    return value
+
+
+def close_to(value: np.ndarray, target: float) -> bool:
+    """`value` is `target` rounded to its own float type (within 2 ulps)."""
+    if value.dtype.kind != "f":
+        return float(value.reshape(-1)[0]) == target
+    ulp = float(np.finfo(value.dtype).eps) * abs(target)
+    return abs(float(value.reshape(-1)[0]) - target) <= 2 * ulp
+
+
+def absorb_constants(nodes: list[gs.Node], ctx: RewriteContext) -> list[gs.Node]:
+    """Constant nodes that feed only `nodes`: they die with the pattern, so they join it."""
+    inside = {id(n) for n in nodes}
+    found: list[gs.Node] = []
+    for node in nodes:
+        for tensor in node.inputs:
+            producer = ir.producer(tensor)
+            if (producer is not None and producer.op == "Constant" and id(producer) not in inside
+                    and not ctx.is_graph_output(tensor) and all(id(c) in inside for c in tensor.outputs)):
+                inside.add(id(producer))
+                found.append(producer)
+    return found
+
+
+# -- reductions ------------------------------------------------------------------------------
+def reduce_axes(node: gs.Node, ctx: RewriteContext, of_rank: int) -> list[int] | str:
+    """ReduceMean's axes (attribute or input), normalised and sorted, or a refusal reason."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        value = ctx.constant(node.inputs[1])
+        if value is None:
+            return "ReduceMean axes are not a constant"
+        axes = [int(a) for a in value.reshape(-1)]
+    else:
+        axes = [int(a) for a in node.attrs.get("axes", [])]
+    if not axes:
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return "ReduceMean with no axes and noop_with_empty_axes=1 is the identity"
+        axes = list(range(of_rank))
+    if any(not -of_rank <= a < of_rank for a in axes):
+        return f"reduction axes {axes} are out of range for rank {of_rank}"
+    normalised = sorted({a % of_rank for a in axes})
+    return normalised if len(normalised) == len(axes) else f"reduction axes {axes} repeat an axis"
+
+
+def trailing_count(axes: list[int], of_rank: int) -> int | None:
+    """k when `axes` are exactly the last k axes of a rank-`of_rank` tensor, else None."""
+    return len(axes) if axes and axes == list(range(of_rank - len(axes), of_rank)) else None
+
+
+# -- numerator / sqrt(mean(square) + eps) ------------------------------------------------------
+@dataclass
+class Standardized:
+    """`numerator / sqrt(ReduceMean(square(squared)) + epsilon)` as matched."""
+
+    numerator: gs.Tensor
+    squared: gs.Tensor
+    reduce: gs.Node
+    epsilon: gs.Tensor | None
+    exponent: gs.Tensor | None  # Pow's exponent; None when squared as Mul(s, s)
+    nodes: list[gs.Node]
+
+
+def _inverse_sqrt(tensor: gs.Tensor, ctx: RewriteContext) -> tuple[gs.Node, list[gs.Node]] | None:
+    """`Reciprocal(Sqrt(v))` or `Div(1, Sqrt(v))`: the Sqrt node and the nodes around it."""
+    inverse = ctx.producer(tensor, ("Reciprocal", "Div"))
+    if inverse is None:
+        return None
+    if inverse.op == "Div":
+        one = scalar_constant(ctx, inverse.inputs[0], rank(inverse.inputs[1]))
+        if one is None or float(one.reshape(-1)[0]) != 1.0:
+            return None
+    sqrt = ctx.producer(inverse.inputs[-1], "Sqrt")
+    return (sqrt, [inverse, sqrt]) if sqrt is not None else None
+
+
+def _sqrt_of(tensor: gs.Tensor, ctx: RewriteContext) -> tuple[gs.Tensor, gs.Node, list[gs.Node]] | None:
+    """The numerator, the Sqrt node and the division nodes of `tensor = numerator / Sqrt(.)`."""
+    node = ir.producer(tensor)
+    if node is None or not ir.is_default_domain(node):
+        return None
+    if node.op == "Div":
+        sqrt = ctx.producer(node.inputs[1], "Sqrt")
+        return (node.inputs[0], sqrt, [node, sqrt]) if sqrt is not None else None
+    if node.op == "Mul":
+        for numerator, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+            found = _inverse_sqrt(other, ctx)
+            if found is not None:
+                return numerator, found[0], [node, *found[1]]
+    return None
+
+
+def match_standardized(tensor: gs.Tensor, ctx: RewriteContext) -> Standardized | None:
+    """`tensor = n / sqrt(mean(s^2) + eps)` in any exporter spelling, or None."""
+    found = _sqrt_of(tensor, ctx)
+    if found is None:
+        return None
+    numerator, sqrt, nodes = found
+    variance, epsilon = sqrt.inputs[0], None
+    add = ctx.producer(variance, "Add")
+    if add is not None:
+        pairs = ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0]))
+        variance, epsilon = next(((v, e) for v, e in pairs if ctx.producer(v, "ReduceMean")), (None, None))
+        if variance is None:
+            return None
+        nodes.append(add)
+    reduce = ctx.producer(variance, "ReduceMean")
+    square = ctx.producer(reduce.inputs[0], ("Pow", "Mul")) if reduce is not None else None
+    if square is None:
+        return None
+    if square.op == "Mul" and square.inputs[0] is not square.inputs[1]:
+        return None
+    exponent = square.inputs[1] if square.op == "Pow" else None
+    return Standardized(numerator, square.inputs[0], reduce, epsilon, exponent, [*nodes, reduce, square])
+
+
+# -- scale and bias -----------------------------------------------------------------------------
+def fit_parameter(
+    tensor: gs.Tensor, ctx: RewriteContext, role: str, norm_shape: list[int], of_rank: int, elem: int
+) -> str | None:
+    """Why `tensor` cannot be the fused op's `role` (scale/bias) for inputs normalised over
+    `norm_shape`, or None. It must broadcast onto the normalised dims only, never over leading axes."""
+    value = ctx.constant(tensor)
+    shape = list(value.shape) if value is not None else (list(tensor.shape) if tensor.shape is not None else None)
+    if shape is None:
+        return f"{role} shape is unknown"
+    kind = elem_type(tensor) if value is None else int(onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
+    if kind != elem:
+        return f"{role} type {type_name(kind)} is not the input type {type_name(elem)}"
+    k = len(norm_shape)
+    if len(shape) > of_rank or any(d != 1 for d in shape[: max(0, len(shape) - k)]):
+        return f"{role} of shape {shape} broadcasts over leading axes"
+    tail = [1] * max(0, k - len(shape)) + shape[-k:]
+    if any(t not in (1, n) for t, n in zip(tail, norm_shape)):
+        return f"{role} of shape {shape} does not broadcast to the normalised shape {norm_shape}"
+    if value is None and shape != norm_shape:
+        return f"{role} input of shape {shape} is not the normalised shape {norm_shape}"
+    return None
+
+
+def fused_parameter(tensor: gs.Tensor, ctx: RewriteContext, norm_shape: list[int]) -> gs.Tensor:
+    """The parameter as the fused op takes it: exactly `norm_shape` (an initializer is reused)."""
+    if not is_constant(tensor):
+        return tensor  # a graph input, already of the normalised shape
+    if isinstance(tensor, gs.Constant) and list(tensor.shape) == norm_shape:
+        return tensor
+    value = ctx.constant(tensor)
+    k = len(norm_shape)
+    trailing = [1] * max(0, k - value.ndim) + list(value.shape)[-k:]
+    tail = value.reshape(trailing)  # leading dims are all 1 (fit_parameter checked)
+    return ctx.const("fused_param", np.ascontiguousarray(np.broadcast_to(tail, norm_shape)))
+
+
+# -- the normalisation rule --------------------------------------------------------------------
+@dataclass
+class NormCore:
+    """The normalisation without its affine stages: `x` is the tensor normalised (a Cast output
+    in the fp16 idiom), `reductions` every ReduceMean that must reduce the trailing axes."""
+
+    x: gs.Tensor
+    standardized: Standardized
+    reductions: list[gs.Node]
+    nodes: list[gs.Node]
+    problem: str | None = None  # a refusal the core parser found (LayerNorm: Subs with two means)
+
+
+@dataclass
+class NormParts:
+    core: NormCore
+    stages: dict[str, tuple[gs.Node, gs.Tensor | None]] = field(default_factory=dict)  # stage -> (node, param)
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """What the fused op gets, once the match is proven equal."""
+
+    x: gs.Tensor
+    axis: int
+    epsilon: float
+    norm_shape: list[int]
+    elem: int
+
+
+def _closing_in_cast(core: NormCore, back: int | None, inside: set[int], ctx: RewriteContext) -> gs.Node | bool:
+    """For a Cast back to `back` after the core: the `Cast(x, to=float32)` before it that the pattern
+    takes in (so the fused op reads `x`), False when no such Cast closes the pair, True when the Cast
+    back is an identity and nothing needs taking in. A Cast read outside the pattern (TorchScript
+    reuses a no-op `.to(float32)` as the residual) is taken in only when it is not an identity."""
+    cast = ctx.producer(core.x, "Cast")
+    source = elem_type(cast.inputs[0]) if cast is not None and cast.attrs.get("to") == FLOAT else None
+    private = cast is not None and not ctx.is_graph_output(core.x) and all(id(c) in inside for c in core.x.outputs)
+    if back == elem_type(core.x):  # back to float32: take in only an identity Cast that nothing else reads
+        return cast if source == FLOAT and private else True
+    return cast if source == back and back in STASHABLE and private else False
+
+
+def _in_cast(parts: NormParts, ctx: RewriteContext) -> gs.Node | None:
+    """The Cast before the core that the match takes in, if any (see `_closing_in_cast`)."""
+    if "cast" not in parts.stages:
+        return None
+    inside = {id(n) for n in parts.core.nodes} | {id(n) for n, _ in parts.stages.values()}
+    found = _closing_in_cast(parts.core, parts.stages["cast"][0].attrs.get("to"), inside, ctx)
+    return found if isinstance(found, gs.Node) else None
+
+
+def _scalar_value(ctx: RewriteContext, tensor: gs.Tensor, of_rank: int, what: str) -> float | str:
+    if not is_constant(tensor):
+        return f"{what} is not a constant"
+    value = scalar_constant(ctx, tensor, of_rank)
+    if value is None:
+        return f"{what} is not a scalar"
+    return float(value.reshape(-1)[0])
+
+
+class NormRule(RewriteRule):
+    """`[Add(.., bias)] <- [Mul(.., scale)] <- [Cast back] <- core`, the core parsed by a subclass.
+
+    A match that its anchor's only consumer would extend (a Cast back, a scale, a bias) defers to
+    that consumer, so the whole normalisation fuses at once, or is refused as a whole."""
+
+    fused_op: ClassVar[str]
+    with_bias: ClassVar[bool]
+
+    def __init__(self, opset_refusal: str | None = None) -> None:
+        self.opset_refusal = opset_refusal  # set when the graph's opset lacks the fused op
+
+    @abc.abstractmethod
+    def parse_core(self, tensor: gs.Tensor, ctx: RewriteContext) -> NormCore | None:
+        """The core whose output is `tensor`, or None."""
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return ("bias", "scale", "cast") if self.with_bias else ("scale", "cast")
+
+    def match(self, anchor: gs.Node, ctx: RewriteContext) -> Match | None:
+        parts = self._peel(anchor.outputs[0], ctx, self.stages)
+        if parts is None or self._defers(anchor, parts, ctx):
+            return None
+        nodes = [*parts.core.nodes, *(node for node, _ in parts.stages.values())]
+        in_cast = _in_cast(parts, ctx)
+        nodes += [in_cast] if in_cast is not None else []
+        return Match(anchor, nodes + absorb_constants(nodes, ctx), {"parts": parts})
+
+    def _peel(self, tensor: gs.Tensor, ctx: RewriteContext, stages: tuple[str, ...]) -> NormParts | None:
+        node = ir.producer(tensor)
+        if node is not None and ir.is_default_domain(node):
+            for index, stage in enumerate(stages):
+                for inner, param in self._splits(stage, node, ctx):
+                    parts = self._peel(inner, ctx, stages[index + 1:])
+                    if parts is not None:
+                        parts.stages[stage] = (node, param)
+                        return parts
+        core = self.parse_core(tensor, ctx)
+        return NormParts(core) if core is not None else None
+
+    @staticmethod
+    def _splits(stage: str, node: gs.Node, ctx: RewriteContext) -> Iterator[tuple[gs.Tensor, gs.Tensor | None]]:
+        if stage == "cast" and node.op == "Cast":
+            yield node.inputs[0], None
+        elif (stage, node.op) in (("bias", "Add"), ("scale", "Mul")):
+            a, b = node.inputs
+            for inner, param in ((a, b), (b, a)):
+                if is_parameter(param, ctx) and not is_parameter(inner, ctx):
+                    yield inner, param
+
+    def _defers(self, anchor: gs.Node, parts: NormParts, ctx: RewriteContext) -> bool:
+        out = anchor.outputs[0]
+        if ctx.is_graph_output(out) or len(out.outputs) != 1:
+            return False
+        consumer = out.outputs[0]
+        present = [s for s in self.stages if s in parts.stages]
+        open_stages = self.stages[: self.stages.index(present[0])] if present else self.stages
+        if not ir.is_default_domain(consumer):
+            return False
+        if consumer.op == "Cast" and "cast" in open_stages:  # only a Cast back to the input type
+            inside = {id(n) for n in parts.core.nodes}
+            return _closing_in_cast(parts.core, consumer.attrs.get("to"), inside, ctx) is not False
+        role = {"Mul": "scale", "Add": "bias"}.get(consumer.op)
+        if role not in open_stages:
+            return False
+        others = [t for t in consumer.inputs if t is not out]
+        if len(others) != 1 or not is_parameter(others[0], ctx):
+            return False
+        plan = self.analyse(parts, ctx)
+        if isinstance(plan, str) or is_constant(others[0]):
+            return True  # a constant right after the norm is its scale/bias: fuse it or say why not
+        return fit_parameter(others[0], ctx, role, plan.norm_shape, len(plan.x.shape), plan.elem) is None
+
+    def analyse(self, parts: NormParts, ctx: RewriteContext) -> NormPlan | str:
+        """The fused op's inputs and attributes, or why the match is not provably equal."""
+        core = parts.core
+        if core.problem is not None:
+            return core.problem
+        of_rank = rank(core.x)
+        if of_rank is None:
+            return "rank of the input is unknown"
+        all_axes: list[list[int]] = []
+        for reduce in core.reductions:
+            if int(reduce.attrs.get("keepdims", 1)) == 0:
+                return "keepdims=0"
+            axes = reduce_axes(reduce, ctx, of_rank)
+            if isinstance(axes, str):
+                return axes
+            all_axes.append(axes)
+        if any(axes != all_axes[0] for axes in all_axes):
+            return f"the ReduceMeans reduce different axes ({' and '.join(map(str, all_axes))})"
+        k = trailing_count(all_axes[0], of_rank)
+        if k is None:
+            return f"reduction axes {all_axes[0]} are not the trailing axes"
+        std = core.standardized
+        epsilon = 0.0 if std.epsilon is None else _scalar_value(ctx, std.epsilon, of_rank, "epsilon")
+        if isinstance(epsilon, str):
+            return epsilon
+        if std.exponent is not None:
+            exponent = _scalar_value(ctx, std.exponent, of_rank, "Pow exponent")
+            if isinstance(exponent, str) or exponent != 2.0:
+                return exponent if isinstance(exponent, str) else f"Pow exponent is {exponent:g}, not 2"
+        return self._plan(parts, ctx, k, epsilon)
+
+    def _plan(self, parts: NormParts, ctx: RewriteContext, k: int, epsilon: float) -> NormPlan | str:
+        core, in_cast = parts.core, _in_cast(parts, ctx)
+        if elem_type(core.x) != FLOAT:
+            return f"the normalisation is computed in {type_name(elem_type(core.x))}, not float32"
+        x = in_cast.inputs[0] if in_cast is not None else core.x
+        elem = elem_type(x)
+        if "cast" in parts.stages and (parts.stages["cast"][0].attrs.get("to") != elem or elem not in STASHABLE):
+            return f"the Casts around the normalisation are not {type_name(elem)} -> float32 -> {type_name(elem)}"
+        norm_shape = list(core.x.shape[-k:])
+        if not all(isinstance(d, (int, np.integer)) for d in norm_shape):
+            return f"normalised dims {norm_shape} are not static"
+        norm_shape = [int(d) for d in norm_shape]
+        for role in ("scale", "bias"):
+            if role in parts.stages:
+                param = parts.stages[role][1]
+                assert param is not None
+                reason = fit_parameter(param, ctx, role, norm_shape, len(core.x.shape), elem)  # type: ignore[arg-type]
+                if reason is not None:
+                    return reason
+        return NormPlan(x, -k, epsilon, norm_shape, elem)  # type: ignore[arg-type]
+
+    def check(self, match: Match, ctx: RewriteContext) -> str | None:
+        plan = self.analyse(match["parts"], ctx)
+        return plan if isinstance(plan, str) else self.opset_refusal
+
+    def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
+        parts: NormParts = match["parts"]
+        plan = self.analyse(parts, ctx)
+        assert isinstance(plan, NormPlan)
+        if "scale" in parts.stages:
+            scale = fused_parameter(parts.stages["scale"][1], ctx, plan.norm_shape)  # type: ignore[arg-type]
+        else:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(plan.elem)
+            scale = ctx.const("ones", np.ones(plan.norm_shape, dtype=dtype))
+        inputs = [plan.x, scale]
+        if "bias" in parts.stages:
+            inputs.append(fused_parameter(parts.stages["bias"][1], ctx, plan.norm_shape))  # type: ignore[arg-type]
+        out = ctx.variable(self.fused_op.lower(), match.anchor.outputs[0].dtype, match.anchor.outputs[0].shape)
+        node = ctx.node(self.fused_op, inputs, [out], base=self.fused_op.lower(),
+                        axis=plan.axis, epsilon=plan.epsilon, stash_type=1)
+        return Replacement([node], [out])
+
+
+# -- opsets --------------------------------------------------------------------------------------
+_TYPES_21_23 = frozenset({21, 23})
+_TYPES_22 = frozenset({22})
+#: op -> schema versions whose change keeps every older graph's meaning (reviewed by hand; see above).
+COMPATIBLE_CHANGES: dict[str, frozenset[int]] = {
+    **{op: frozenset({14}) for op in ("Add", "Sub", "Mul", "Div", "Relu", "CumSum")},
+    "Pow": frozenset({15}),
+    **{op: frozenset({16}) for op in ("Where", "GreaterOrEqual", "LessOrEqual", "LeakyRelu", "PRelu")},
+    "Equal": frozenset({19}),
+    **{op: frozenset({20}) for op in ("IsNaN", "IsInf", "ReduceMax", "ReduceMin")},
+    "Constant": frozenset({19, 21, 23}),
+    "ConstantOfShape": frozenset({20, 21, 23}),
+    "Shape": frozenset({15, 19, 21, 23}),
+    "Size": frozenset({19, 21, 23}),
+    "Reshape": frozenset({14, 19, 21, 23}),
+    **{op: _TYPES_21_23 for op in ("Transpose", "Unsqueeze", "Squeeze", "Flatten")},
+    **{op: frozenset({19, 21, 23}) for op in ("Cast", "CastLike")},
+    "Identity": frozenset({14, 16, 19, 21, 23}),
+    **{op: frozenset({16, 19, 21, 23}) for op in ("If", "Loop", "Scan")},
+    "Pad": frozenset({18, 19, 21, 23}),
+    "AveragePool": frozenset({19, 22}),
+    **{op: frozenset({16, 18}) for op in ("ScatterND", "ScatterElements")},
+    **{op: _TYPES_22 for op in ("Dropout", "Softplus", "Cos", "Sin", "Tan", "Asin", "Acos", "Atan",
+                                "Sinh", "Cosh", "Round", "Elu", "Selu", "HardSigmoid", "HardSwish",
+                                "Mish", "ThresholdedRelu", "InstanceNormalization", "Conv",
+                                "ConvTranspose", "MaxPool", "GlobalAveragePool", "EyeLike")},
+}
+
+
+_REDUCE_18 = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+              "ReduceLogSumExp", "ReduceSumSquare")
+#: (op, version) -> which nodes keep their meaning across that change: Split-18 needs `split` or
+#: num_outputs (an explicit `split` input is the same), Reduce*-18 takes axes as an input (none = all).
+NODE_COMPATIBLE: dict[tuple[str, int], Callable[[gs.Node], bool]] = {
+    ("Split", 18): lambda node: len(node.inputs) > 1 and bool(node.inputs[1].name),
+    **{(op, 18): (lambda node: "axes" not in node.attrs) for op in _REDUCE_18},
+}
+
+
+def _nodes(graph: gs.Graph) -> Iterator[gs.Node]:
+    for node in graph.nodes:
+        yield node
+        for sub in ir.subgraphs(node):
+            yield from _nodes(sub)
+
+
+def _changes(op: str, old: int, new: int) -> list[int] | None:
+    """The schema versions of `op` in (old, new], or None when ONNX has no schema for it at `old`."""
+    versions: list[int] = []
+    try:
+        version = onnx.defs.get_schema(op, new).since_version
+        while version > old:
+            versions.append(version)
+            version = onnx.defs.get_schema(op, version - 1).since_version
+    except onnx.defs.SchemaError:
+        return None
+    return versions
+
+
+def _never(node: gs.Node) -> bool:
+    return False
+
+
+def opset_blockers(graph: gs.Graph, old: int, new: int, fused_op: str) -> list[str]:
+    """Ops of `graph` (other than the `fused_op` just introduced) whose meaning may differ between
+    default-domain opsets `old` and `new`."""
+    blockers = {"local functions"} if getattr(graph, "functions", None) else set()
+    for node in _nodes(graph):
+        if not ir.is_default_domain(node) or node.op == fused_op or node.op in blockers:
+            continue
+        versions = _changes(node.op, old, new)
+        if versions is None or any(
+            v not in COMPATIBLE_CHANGES.get(node.op, ()) and not NODE_COMPATIBLE.get((node.op, v), _never)(node)
+            for v in versions
+        ):
+            blockers.add(node.op)
+    return sorted(blockers)
+
+
+def set_default_opset(graph: gs.Graph, version: int) -> None:
+    """Raise the graph's default-domain opset (graphsurgeon exports `import_domains` when set)."""
+    graph.opset = version
+    if graph.import_domains:
+        graph.import_domains = [
+            onnx.helper.make_opsetid(e.domain, version) if e.domain in ir.DEFAULT_DOMAINS else e
+            for e in graph.import_domains
+        ]
+
+
+def run_fusion(
+    graph: gs.Graph,
+    make_rules: Callable[[str | None], Sequence[RewriteRule]],
+    fused_op: str,
+    required: int,
+    *,
+    bump_opset: bool,
+    stats_key: str,
+) -> PassResult:
+    """Run the rules when the opset has `fused_op`; else refuse every match, or (`bump_opset`) raise
+    the opset first when a trial run on a copy shows that every op left means the same there."""
+    opset = ir.opset_version(graph)
+    if opset >= required:
+        return run_rules(graph, make_rules(None), stats_key)
+    reason = f"opset {opset} has no {fused_op} (needs {required})"
+    if bump_opset:
+        trial = graph.copy()
+        set_default_opset(trial, required)
+        if run_rules(trial, make_rules(None), stats_key).modified:
+            blockers = opset_blockers(trial, opset, required, fused_op)
+            if not blockers:
+                set_default_opset(graph, required)
+                result = run_rules(graph, make_rules(None), stats_key)
+                result.stats["opset_raised_to"] = required
+                return result
+            reason += f"; cannot raise it: {', '.join(blockers)} changed between opset {opset} and {required}"
+    return run_rules(graph, make_rules(reason), stats_key)

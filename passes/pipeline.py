@@ -24,13 +24,17 @@ from passes.errors import PipelineError
 from passes.registry import PassRegistry, default_registry
 
 CLEANUP = "fixpoint(eliminate-identity,fold-constants,eliminate-common-subexpressions,eliminate-dead-code)"
+#: fusions that hold on every back end: each refuses (with its reason) where the graph's opset lacks
+#: the fused op; fuse-qkv must run before fuse-matmul-add, which would otherwise claim the biases.
+FUSIONS = "fold-transpose,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-qkv,fuse-matmul-add{high_rank=keep-matmul}"
 
 #: Named pipelines usable wherever a pipeline string is accepted.
 NAMED_PIPELINES: Mapping[str, str] = MappingProxyType(
     {
         "cleanup": CLEANUP,
+        "fusions": FUSIONS,
         # target-independent canonical form; freeze-shapes is prepended when input shapes are given
-        "canonicalize": CLEANUP,
+        "canonicalize": f"{CLEANUP},{FUSIONS},{CLEANUP}",
     }
 )
 DEFAULT_PIPELINE = "canonicalize"

@@ -130,3 +130,42 @@ def test_freeze_shapes_folds_every_shape_computation(real: RealExport, canonical
     assert count_dynamic_shapes(graph) == 0, "\n".join(_dynamic_shape_chains(graph))
     assert op_count(frozen, "Shape") == 0, "a Shape op survived freezing"
     assert len(frozen.graph.node) < len(canonical.graph.node)
+
+
+def _layers(real: RealExport) -> int:
+    return int(real.spec.config.get("num_hidden_layers", real.spec.config.get("n_layer", 0)))
+
+
+def _splits_by_width(model: onnx.ModelProto) -> dict[int, int]:
+    widths: dict[int, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Split":
+            widths[len(node.output)] = widths.get(len(node.output), 0) + 1
+    return widths
+
+
+def test_canonicalize_structural_wins(real: RealExport, canonical: onnx.ModelProto) -> None:
+    """What the fusions must achieve on every export: grouped projections and norms kept fused."""
+    layers = _layers(real)
+    assert layers == 2
+    if real.arch in ("llama", "qwen2"):
+        # per layer: Q/K/V (grouped KV: N = 64, 32, 32) in one MatMul + Split(3), gate/up in one + Split(2)
+        assert _splits_by_width(canonical) == {3: layers, 2: layers}
+        assert op_count(canonical, "MatMul") == op_count(real.model, "MatMul") - 3 * layers
+    if real.arch == "bert":  # Q/K/V per layer; LayerNorm already a single op from both exporters
+        assert _splits_by_width(canonical).get(3) == layers
+        assert op_count(canonical, "LayerNormalization") == 2 * layers + 1
+    if real.arch == "gpt2":  # GPT-2's c_attn is already one projection; LayerNorm stays fused
+        assert op_count(canonical, "LayerNormalization") == 2 * layers + 1
+
+
+@pytest.mark.parametrize("rule", ["fuse-rms-norm", "fuse-gelu"])
+def test_norms_and_gelu_fuse_when_the_opset_may_be_raised(real: RealExport, rule: str) -> None:
+    # 2 layers: RMSNorm twice per layer plus the final one; GELU once per layer's MLP; else none
+    expected = {("fuse-rms-norm", "llama"): 5, ("fuse-rms-norm", "qwen2"): 5,
+                ("fuse-gelu", "gpt2"): 2, ("fuse-gelu", "bert"): 2}.get((rule, real.arch), 0)
+    fused = passes.optimize(real.model, f"canonicalize,{rule}{{bump_opset=true}}")
+    op = {"fuse-rms-norm": "RMSNormalization", "fuse-gelu": "Gelu"}[rule]
+    assert op_count(fused, op) == expected
+    for dims in SHAPES:
+        assert_equivalent(real.model, fused, rtol=1e-4, atol=1e-5, input_shapes=real.shapes(dims))

@@ -86,18 +86,30 @@ class Pass(abc.ABC):
     def __call__(self, model: gs.Graph | onnx.ModelProto, *, check_contract: bool = True) -> PassResult:
         """Run the pass with its contract checked. A ModelProto in gives a ModelProto out."""
         graph = ir.import_graph(model) if isinstance(model, onnx.ModelProto) else model
-        self.requires(graph)
-        before = ir.fingerprint(graph) if check_contract else None
-        result = self.call(graph)
-        if not isinstance(result, PassResult) or result.model is not graph:
-            raise PassContractError(f"pass {self.name!r} must return PassResult for the graph it was given")
-        if check_contract and not result.modified and ir.fingerprint(graph) != before:
-            raise PassContractError(f"pass {self.name!r} reported modified=False but changed the graph")
-        if result.modified:
-            self.ensures(graph)
+        result, _ = self.run_checked(graph, check_contract=check_contract)
         if isinstance(model, onnx.ModelProto):
             result.model = ir.export_model(graph)
         return result
+
+    def run_checked(
+        self, graph: gs.Graph, *, check_contract: bool = True, fingerprint: int | None = None
+    ) -> tuple[PassResult, int | None]:
+        """Run on a graph with `requires`, `ensures` and the modified-flag check.
+
+        `fingerprint` is the graph's fingerprint when the caller already knows it (the pass manager
+        carries it from one unmodifying pass to the next); the graph's fingerprint after the pass is
+        returned when known, else None."""
+        self.requires(graph)
+        before = (fingerprint if fingerprint is not None else ir.fingerprint(graph)) if check_contract else None
+        result = self.call(graph)
+        if not isinstance(result, PassResult) or result.model is not graph:
+            raise PassContractError(f"pass {self.name!r} must return PassResult for the graph it was given")
+        if result.modified:
+            self.ensures(graph)
+            return result, None
+        if check_contract and ir.fingerprint(graph) != before:
+            raise PassContractError(f"pass {self.name!r} reported modified=False but changed the graph")
+        return result, before
 
     def violation(self, message: str) -> PassContractError:
         """An error for a failed `requires`/`ensures`, naming this pass."""

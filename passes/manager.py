@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from passes import ir
-from passes._pass import Pass, PassResult
+from passes._pass import Pass
 from passes.errors import FixpointError, PassesError, PassFailedError, VerificationError
 from passes.io import save_model
 from passes.pipeline import Fixpoint, Pipeline, PipelineElement, as_pipeline, with_input_shapes
@@ -227,7 +227,7 @@ class PassManager:
         report = PipelineReport(pipeline.spec(), len(graph.nodes), len(graph.nodes), histogram, histogram)
         for instrument in instruments:
             instrument.before_pipeline(model, report)
-        _Runner(graph, report, instruments, self.check_contracts).run_elements(pipeline.elements, None)
+        _Runner(graph, report, instruments, self.check_contracts, ops=histogram).run_elements(pipeline.elements, None)
         result = ir.export_model(graph)
         report.nodes_after = len(graph.nodes)
         report.ops_after = ir.op_histogram(graph)
@@ -243,6 +243,9 @@ class _Runner:
     report: PipelineReport
     instruments: list[Instrument]
     check_contracts: bool
+    #: the graph's fingerprint and op histogram, carried across passes that change nothing
+    fingerprint: int | None = None
+    ops: dict[str, int] | None = None
 
     def run_elements(self, elements: Sequence[PipelineElement], round_: int | None) -> bool:
         modified = False
@@ -265,10 +268,13 @@ class _Runner:
         )
 
     def run_pass(self, pass_: Pass, round_: int | None) -> bool:
-        nodes_before, ops_before = len(self.graph.nodes), ir.op_histogram(self.graph)
+        nodes_before = len(self.graph.nodes)
+        ops_before = self.ops if self.ops is not None else ir.op_histogram(self.graph)
         start = time.perf_counter()
         try:
-            result: PassResult = pass_(self.graph, check_contract=self.check_contracts)
+            result, self.fingerprint = pass_.run_checked(
+                self.graph, check_contract=self.check_contracts, fingerprint=self.fingerprint
+            )
         except PassesError:
             raise
         except Exception as err:
@@ -289,6 +295,7 @@ class _Runner:
             refusals=[r.to_dict() for r in result.refusals],
         )
         self.report.passes.append(record)
+        self.ops = record.ops_after
         view = StepView(self.graph)
         for instrument in self.instruments:
             instrument.after_pass(pass_, view, record)

@@ -46,7 +46,7 @@ class FoldConstants(Pass):
             if not folded_any:
                 break
             modified = True
-            if not self.fold_shapes:
+            if not self.fold_shapes or not _shape_queries_may_improve(graph):
                 break
             # new constants can make more shapes static (a Reshape target, a Range limit): re-infer,
             # so one run reaches the state a fresh import would see and a second run changes nothing
@@ -154,6 +154,22 @@ def _static_dims_gathered(node: gs.Node) -> np.ndarray | None:
     if not all(_is_static(d) for d in picked):
         return None
     return np.array(picked, dtype=np.int64).reshape(indices.shape)
+
+
+def _shape_queries_may_improve(graph: gs.Graph) -> bool:
+    """Whether re-running shape inference could let a remaining shape query fold.
+
+    A query folds when the dims it reads are static. Dims named by a graph input's symbol (`batch`,
+    `seq`) stay symbolic whatever inference learns (only binding the input fixes them); an unknown
+    dim, a rank not yet known or an inference-made name (`unk__3`) might turn into a number."""
+    symbols = {d for t in graph.inputs if t.shape is not None for d in t.shape if isinstance(d, str)}
+    for node in graph.nodes:
+        if node.op not in ("Shape", "Size") or not node.inputs:
+            continue
+        dims = node.inputs[0].shape if node.op == "Size" else _shape_slice(node)
+        if dims is None or any(not _is_static(d) and d not in symbols for d in dims):
+            return True
+    return False
 
 
 def _reads_shape(node: gs.Node) -> bool:

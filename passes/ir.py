@@ -90,6 +90,17 @@ def opset_version(graph: gs.Graph | onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
+def set_opset_version(graph: gs.Graph, version: int) -> None:
+    """Set the graph's default-domain opset (graphsurgeon exports `import_domains` when it is set,
+    so both must change)."""
+    graph.opset = version
+    if getattr(graph, "import_domains", None):
+        graph.import_domains = [
+            onnx.helper.make_opsetid(e.domain, version) if e.domain in DEFAULT_DOMAINS else e
+            for e in graph.import_domains
+        ]
+
+
 def op_histogram(graph: gs.Graph | onnx.ModelProto) -> dict[str, int]:
     """Op type -> count for the top-level graph, most frequent first (domain-qualified if custom)."""
     if isinstance(graph, onnx.ModelProto):

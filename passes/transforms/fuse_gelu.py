@@ -21,12 +21,12 @@ import onnx_graphsurgeon as gs
 
 from passes._pass import Pass, PassResult
 from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule
+from passes.transforms._opset_bump import run_fusion
 from passes.transforms._norm_patterns import (
     absorb_constants,
     close_to,
     is_constant,
     rank,
-    run_fusion,
     scalar_constant,
 )
 

@@ -22,12 +22,12 @@ import onnx_graphsurgeon as gs
 
 from passes._pass import Pass, PassResult
 from passes.rewrite import RewriteContext
+from passes.transforms._opset_bump import run_fusion
 from passes.transforms._norm_patterns import (
     NormCore,
     NormRule,
     elem_type,
     match_standardized,
-    run_fusion,
     type_name,
 )
 

@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 
 from passes._pass import Pass, PassResult
 from passes.rewrite import RewriteContext
-from passes.transforms._norm_patterns import NormCore, NormRule, match_standardized, run_fusion
+from passes.transforms._norm_patterns import NormCore, NormRule, match_standardized
+from passes.transforms._opset_bump import run_fusion
 
 RMS_NORM_OPSET = 23
 

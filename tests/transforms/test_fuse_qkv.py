@@ -15,7 +15,7 @@ import onnx
 import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from passes.errors import PipelineError
 from passes.testing import assert_equivalent, assert_pass_sound

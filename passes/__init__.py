@@ -30,6 +30,9 @@ _EXPORTS = {
     "load_model": "passes.io",
     "save_model": "passes.io",
     "PassesError": "passes.errors",
+    "load_target": "passes.targets",
+    "list_targets": "passes.targets",
+    "TargetDescription": "passes.targets",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from passes.manager import Instrument, PassManager, PipelineReport
     from passes.pipeline import Fixpoint, Pipeline, parse_pipeline
     from passes.registry import PassRegistry, register_pass
+    from passes.targets import TargetDescription, list_targets, load_target
 
 
 def __getattr__(name: str) -> Any:

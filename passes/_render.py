@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from passes._pass import Pass
 from passes.manager import PipelineReport
 from passes.summary import ModelSummary
 from passes.verify import Comparison
+
+if TYPE_CHECKING:
+    from passes.targets import TargetDescription
 
 console = Console(highlight=False)
 
@@ -149,3 +155,90 @@ def model_summary(summary: ModelSummary) -> None:
     for op, count in summary.ops.items():
         ops.add_row(op, str(count))
     console.print(ops)
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+def _figure(value: float | None, unit: str = "") -> str:
+    return "[dim]?[/dim]" if value is None else f"{value:g}{unit}"
+
+
+def target_table(targets: Sequence[TargetDescription]) -> None:
+    table = Table(title="targets", title_justify="left")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("runs on")
+    table.add_column("SoC")
+    for column in ("GB/s", "fp16 TFLOPS", "int8 TOPS"):
+        table.add_column(column, justify="right")
+    table.add_column("quant", no_wrap=True)
+    for target in targets:
+        if target.device == "gpu":
+            runs_on = f"{target.identity.gpu or 'GPU'} ({target.backend})"
+        else:
+            cores = f", {target.cpu.cores} cores" if target.cpu.cores else ""
+            runs_on = f"{target.cpu.arch} CPU{cores} ({target.backend})"
+        table.add_row(
+            escape(target.name), escape(runs_on), escape(target.identity.marketing_name),
+            _figure(target.memory.bandwidth_gbps),
+            _figure(target.compute.fp16_tflops), _figure(target.compute.int8_tops), target.capabilities.quantization,
+        )
+    console.print(table)
+    console.print("[dim]peak figures, some approximate or assumed: `passes targets show NAME` gives sources[/dim]")
+
+
+def target_details(target: TargetDescription) -> None:
+    facts = Table(title=f"target {target.name}", title_justify="left", show_header=False)
+    facts.add_column("fact", style="bold")
+    facts.add_column("value")
+    identity = target.identity
+    for fact, value in (
+        ("file", str(target.source_path)), ("device", f"{target.device} ({target.backend})"),
+        ("SoC", f"{identity.vendor} {identity.marketing_name} ({identity.soc})"), ("GPU", identity.gpu or "-"),
+        ("CPU cores", identity.cpu_cores), ("TVM target", json.dumps(target.tvm.target)),
+        ("TVM host", json.dumps(target.tvm.host) if target.tvm.host is not None else "-"),
+        ("pipeline", target.pipeline),
+        ("defaults", f"batch {target.defaults.batch}, sequence {target.defaults.sequence}"),
+    ):
+        facts.add_row(fact, escape(value))
+    console.print(facts)
+    for group in ("memory", "gpu", "cpu"):
+        figures = getattr(target, group)
+        if figures is None:
+            continue
+        table = Table(title=group, title_justify="left", show_header=False)
+        table.add_column("figure", style="bold")
+        table.add_column("value", overflow="fold")
+        for key, value in figures.model_dump(mode="json").items():
+            if key != "source":
+                unknown = "-" if key == "metal_family" else "[dim]unknown[/dim]"
+                table.add_row(key, unknown if value is None else _target_value(value))
+        table.add_row("source", f"[dim]{escape(figures.source)}[/dim]")
+        console.print(table)
+    _target_capabilities_and_schedule(target)
+
+
+def _target_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return escape(", ".join(map(str, value))) or "-"
+    return escape(str(value))
+
+
+def _target_capabilities_and_schedule(target: TargetDescription) -> None:
+    caps = Table(title="capabilities", title_justify="left", show_header=False)
+    caps.add_column("capability", style="bold")
+    caps.add_column("value")
+    for key, value in target.capabilities.model_dump(mode="json").items():
+        caps.add_row(key, _target_value(value))
+    console.print(caps)
+    schedule = Table(title="INT8 kernel schedules (starting points)", title_justify="left")
+    for column in ("kernel", "tile m x n x k", "vector width", "work group"):
+        schedule.add_column(column)
+    for kernel in ("gemm", "gemv"):
+        tiles = getattr(target.schedule, kernel)
+        group = "-" if tiles.work_group_x is None else f"{tiles.work_group_x} x {tiles.work_group_y}"
+        schedule.add_row(kernel, f"{tiles.tile_m} x {tiles.tile_n} x {tiles.tile_k}", str(tiles.vector_width), group)
+    console.print(schedule)
+    limit = target.schedule.max_work_group
+    console.print(f"[dim]{'max work group ' + str(limit) + '; ' if limit else ''}{escape(target.schedule.source)}[/dim]")

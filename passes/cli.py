@@ -1,4 +1,4 @@
-"""The `passes` command line: opt, list, verify, inspect, sample.
+"""The `passes` command line: opt, list, verify, inspect, sample, targets.
 
 Human output is rich tables on stdout; `--json` prints one JSON document for scripts. A user mistake
 (a bad file, pipeline, option or shape) prints one `error:` line on stderr and exits 2; `--debug`
@@ -209,6 +209,40 @@ def sample(
     model = build_sample(name, idiom=idiom, layers=layers, hidden=hidden, heads=heads, vocab=vocab, seed=seed)  # type: ignore[arg-type]
     save_model(model, output)
     click.echo(f"wrote {output} ({name}, {idiom}, {layers} layers, {len(model.graph.node)} nodes)")
+
+
+@cli.group(invoke_without_command=True)
+@_json_option
+@click.pass_context
+@_debug_option
+def targets(ctx: click.Context, as_json: bool) -> None:
+    """List the bundled targets; `targets show NAME` describes one (NAME may be a .toml path)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from passes import _render
+    from passes.targets import list_targets, load_target
+
+    loaded = [load_target(name) for name in list_targets()]
+    if as_json:
+        _print_json({"targets": [target.to_dict() for target in loaded]})
+    else:
+        _render.target_table(loaded)
+
+
+@targets.command(name="show")
+@click.argument("name")
+@_json_option
+@_debug_option
+def show_target(name: str, as_json: bool) -> None:
+    """Describe target NAME ("sd8gen2", "sd8gen2:cpu" or path/to/mine.toml): figures, sources, capabilities."""
+    from passes import _render
+    from passes.targets import load_target
+
+    target = load_target(name)
+    if as_json:
+        _print_json(target.to_dict())
+    else:
+        _render.target_details(target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

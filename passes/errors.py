@@ -41,3 +41,7 @@ class VerificationError(PassesError):
 
 class SampleError(PassesError):
     """An unknown sample model name or invalid sample parameters."""
+
+
+class TargetError(PassesError):
+    """A target description that cannot be found, read or validated, or that TVM refuses."""

@@ -7,7 +7,10 @@ optimized model), and onnxoptimizer. Each tool is warmed up once (imports exclud
 the best of `--repeat` runs. Prints a table with
 ratios against onnxsim and growth against the smallest graph, and writes JSON.
 
-    python bench/pipeline_speed.py [--layers 2 8 32] [--repeat 3] [--json out/pipeline_speed.json]
+    python bench/pipeline_speed.py [--layers 2 8 32] [--real] [--repeat 3] [--json out/pipeline_speed.json]
+
+`--real` adds the tiny random-weight Llama/Qwen2/GPT-2/BERT exports of the test suite (TorchScript and
+dynamo exporters; needs the `test` extra, exported once into out/real-exports).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -70,16 +74,29 @@ TOOLS: dict[str, Callable[[onnx.ModelProto], object]] = {
 }
 
 
-def run(layers: list[int], repeat: int) -> dict[str, object]:
+def _models(layers: list[int], real: bool) -> list[tuple[str, onnx.ModelProto]]:
+    models = [(f"tiny-llama x{count}", build_sample("tiny-llama", layers=count)) for count in layers]
+    if real:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+        from tests.real_models.export import ARCHS, EXPORTERS, export_model
+
+        cache = Path("out/real-exports")
+        cache.mkdir(parents=True, exist_ok=True)
+        for arch in ARCHS:
+            for exporter in EXPORTERS:
+                models.append((f"{arch} {exporter}", passes.load_model(export_model(arch, exporter, cache))))
+    return models
+
+
+def run(layers: list[int], repeat: int, real: bool = False) -> dict[str, object]:
     warm_up = build_sample("tiny-llama", layers=1)
     for fn in TOOLS.values():  # imports and first-call set-up are not what we compare
         fn(warm_up)
     rows = []
-    for count in layers:
-        model = build_sample("tiny-llama", layers=count)
+    for label, model in _models(layers, real):
         nodes_after = len(passes.optimize(model).graph.node)
         times = {name: _best(lambda fn=fn: fn(model), repeat) for name, fn in TOOLS.items()}
-        rows.append({"layers": count, "nodes": len(model.graph.node), "nodes_after": nodes_after, "seconds": times})
+        rows.append({"model": label, "nodes": len(model.graph.node), "nodes_after": nodes_after, "seconds": times})
     return {
         "bench": "pipeline_speed",
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
@@ -93,22 +110,22 @@ def render(result: dict[str, object]) -> None:
     assert isinstance(rows, list)
     base = rows[0]
     table = Table(
-        title=f"canonicalize vs peers on tiny-llama, seconds, best of {result['repeat']} "
+        title=f"canonicalize vs peers, seconds, best of {result['repeat']} "
         "(ours -chk: without the per-pass checker; ORT: onnxruntime offline optimizer)"
     )
-    table.add_column("layers", justify="right")
+    table.add_column("model")
     table.add_column("nodes", justify="right")
     for name in TOOLS:
         table.add_column(name, justify="right")
     table.add_column("ours/onnxsim", justify="right")
-    table.add_column("growth nodes/ours", justify="right")
+    table.add_column("growth nodes/ours vs first row", justify="right")
     for row in rows:
         secs = row["seconds"]
         ratio = secs["ours"] / secs["onnxsim"]
         growth_nodes = row["nodes"] / base["nodes"]
         growth_time = secs["ours"] / base["seconds"]["ours"]
         table.add_row(
-            str(row["layers"]), f"{row['nodes']} -> {row['nodes_after']}",
+            row["model"], f"{row['nodes']} -> {row['nodes_after']}",
             *(f"{secs[name]:.3f}" for name in TOOLS),
             f"{ratio:.2f}x", f"{growth_nodes:.1f}x/{growth_time:.1f}x",
         )
@@ -119,9 +136,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--real", action="store_true", help="also time the real PyTorch exports")
     parser.add_argument("--json", type=Path, default=Path("out/pipeline_speed.json"))
     args = parser.parse_args()
-    result = run(args.layers, args.repeat)
+    result = run(args.layers, args.repeat, args.real)
     render(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))

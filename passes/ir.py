@@ -331,19 +331,46 @@ def _graph_skeleton(graph: gs.Graph) -> onnx.ModelProto:
     opsets += [e for e in getattr(graph, "import_domains", None) or () if e.domain not in DEFAULT_DOMAINS]
     skeleton = _empty_like(meta.ir_version if meta is not None else 8, opsets, [], graph.name or "graph")
     out = skeleton.graph
-    out.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    cache = graph.__dict__.setdefault("_passes_node_protos", {})
+    out.node.extend(_exported_node(node, cache) for node in graph.nodes)
     out.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
     out.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
             continue
         values = tensor._values
-        if int(np.prod(values.shape, dtype=np.int64)) * np.dtype(values.dtype).itemsize > _INFERENCE_INLINE_BYTES:
+        dtype = as_np_dtype(values.dtype)
+        if int(np.prod(values.shape, dtype=np.int64)) * dtype.itemsize > _INFERENCE_INLINE_BYTES:
             out.input.append(onnx.helper.make_tensor_value_info(
-                tensor.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(values.dtype)), list(values.shape)))
+                tensor.name, onnx.helper.np_dtype_to_tensor_dtype(dtype), list(values.shape)))
         else:
             out.initializer.append(OnnxExporter.export_tensor_proto(tensor))
     return skeleton
+
+
+def check_graph(graph: gs.Graph) -> None:
+    """Run the ONNX checker on the graph's skeleton (large constants as typed inputs, so no weight
+    is copied): node, attribute, type and ordering rules; raises `onnx.checker.ValidationError`."""
+    onnx.checker.check_model(_graph_skeleton(graph))
+
+
+def _exported_node(node: gs.Node, cache: dict[int, tuple[object, gs.Node, onnx.NodeProto]]) -> onnx.NodeProto:
+    """graphsurgeon's NodeProto for `node`, reused while the node's op, name, tensor names and attribute
+    objects are unchanged (exporting every node again is most of what an export costs). Nodes with
+    subgraphs are always exported afresh; an attribute value mutated in place would go unseen."""
+    if any(True for _ in subgraphs(node)):
+        return OnnxExporter.export_node(node)
+    key = (
+        node.op, node.domain, node.name,
+        tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs),
+        tuple((k, id(v)) for k, v in node.attrs.items()),
+    )
+    entry = cache.get(id(node))
+    if entry is not None and entry[1] is node and entry[0] == key:
+        return entry[2]
+    proto = OnnxExporter.export_node(node)
+    cache[id(node)] = (key, node, proto)
+    return proto
 
 
 def _empty_like(ir_version: int, opsets: Iterable[onnx.OperatorSetIdProto], functions: Iterable[onnx.FunctionProto],

@@ -38,6 +38,11 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Gra
     """
     graph = gs.import_onnx(model)
     graph._passes_model_meta = _model_meta(model)  # carried through to export_model
+    if len(graph.nodes) == len(model.graph.node):  # the model's own NodeProtos serve later skeletons
+        cache = graph.__dict__.setdefault("_passes_node_protos", {})
+        for node, proto in zip(graph.nodes, model.graph.node):
+            if node.op == proto.op_type and not any(True for _ in subgraphs(node)):
+                cache[id(node)] = (_node_key(node), node, proto)
     if infer_shapes:
         _infer_into(graph, _model_skeleton(model))
     return graph
@@ -360,17 +365,21 @@ def _exported_node(node: gs.Node, cache: dict[int, tuple[object, gs.Node, onnx.N
     subgraphs are always exported afresh; an attribute value mutated in place would go unseen."""
     if any(True for _ in subgraphs(node)):
         return OnnxExporter.export_node(node)
-    key = (
-        node.op, node.domain, node.name,
-        tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs),
-        tuple((k, id(v)) for k, v in node.attrs.items()),
-    )
+    key = _node_key(node)
     entry = cache.get(id(node))
     if entry is not None and entry[1] is node and entry[0] == key:
         return entry[2]
     proto = OnnxExporter.export_node(node)
     cache[id(node)] = (key, node, proto)
     return proto
+
+
+def _node_key(node: gs.Node) -> tuple[object, ...]:
+    return (
+        node.op, node.domain, node.name,
+        tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs),
+        tuple((k, id(v)) for k, v in node.attrs.items()),
+    )
 
 
 def _empty_like(ir_version: int, opsets: Iterable[onnx.OperatorSetIdProto], functions: Iterable[onnx.FunctionProto],

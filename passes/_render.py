@@ -17,6 +17,7 @@ from passes.summary import ModelSummary
 from passes.verify import Comparison
 
 if TYPE_CHECKING:
+    from passes.run import RunReport
     from passes.targets import TargetDescription
 
 console = Console(highlight=False)
@@ -242,3 +243,55 @@ def _target_capabilities_and_schedule(target: TargetDescription) -> None:
     console.print(schedule)
     limit = target.schedule.max_work_group
     console.print(f"[dim]{'max work group ' + str(limit) + '; ' if limit else ''}{escape(target.schedule.source)}[/dim]")
+
+
+# -- passes run -------------------------------------------------------------------------------------
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "[dim]unknown[/dim]"
+    return f"{value:,.0f} tok/s" if value >= 10 else f"{value:.2f} tok/s"
+
+
+def run_report(report: RunReport) -> None:
+    console.print(f"[bold]{report.target}[/bold]: {report.model} -> {report.output_dir}/")
+    if report.bound_dims:
+        bound = ", ".join(f"{b.input}[{b.axis}] {b.dim}={b.value} ({b.source})" for b in report.bound_dims)
+        console.print(f"dynamic dims bound: {bound}")
+    pipeline = report.pipeline
+    console.print(
+        f"pipeline {pipeline['pipeline']}: {pipeline['nodes_before']} -> {pipeline['nodes_after']} nodes "
+        f"in {pipeline['wall_s']:.2f} s; built in {report.build_seconds:.1f} s"
+    )
+    _run_ops_table(report)
+    roof = report.roofline
+    table = Table(title="roofline (upper bounds from the target's stated figures)", title_justify="left")
+    for column in ("weights", "bytes read per token", "decode bound"):
+        table.add_column(column, justify="right" if column != "weights" else "left")
+    for precision, size in roof["weight_bytes_per_token"].items():
+        table.add_row(precision, _bytes(size), _rate(roof["decode_tokens_per_s"][precision]))
+    console.print(table)
+    prefill = _rate(roof["prefill_tokens_per_s"])
+    console.print(f"prefill bound ({roof['prefill_peak'] or 'no'} peak): {prefill}; "
+                  f"matmul ops per token: {roof['matmul_ops_per_token'] or 0:,.0f}")
+    for row in report.missing_ops:
+        console.print(f"target lacks {row['op']} ({row['capability']}): {row['status']}")
+    if report.host_check is not None:
+        worst = max((o["max_abs_error"] for o in report.host_check["outputs"]), default=0.0)
+        console.print(f"host build vs onnxruntime: [green]equal[/green] (max abs error {worst:.3g}, "
+                      f"rtol={report.host_check['rtol']:g}, atol={report.host_check['atol']:g})")
+    for note in [*report.notes, *roof["notes"]]:
+        console.print(f"[dim]note: {note}[/dim]")
+    console.print(f"wrote {len(report.artifacts)} files: {', '.join(sorted(report.artifacts)[:6])}"
+                  + (" ..." if len(report.artifacts) > 6 else ""))
+
+
+def _run_ops_table(report: RunReport) -> None:
+    ops = sorted(set(report.ops_before) | set(report.ops_after),
+                 key=lambda op: -max(report.ops_before.get(op, 0), report.ops_after.get(op, 0)))
+    table = Table(title="ops before -> after", title_justify="left")
+    table.add_column("op")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for op in ops[:16]:
+        table.add_row(op, str(report.ops_before.get(op, 0)), str(report.ops_after.get(op, 0)))
+    console.print(table)

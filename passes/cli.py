@@ -117,6 +117,29 @@ def opt(
         _render.pipeline_report(result.report, output, explain=explain)
 
 
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET",
+              help="A bundled target (see `passes targets`), NAME:cpu, or a path to a TOML.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
+              help="Artifacts go to OUTPUT/<target>/.")
+@_shape_option
+@click.option("-p", "--pipeline", default=None, help="Override the target's pass pipeline.")
+@_json_option
+@_debug_option
+def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipeline: str | None,
+        as_json: bool) -> None:
+    """Rewrite MODEL for a target, lower it through TVM, build, and write artifacts and a report."""
+    from passes import _render
+    from passes.run import run_for_target
+
+    report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _render.run_report(report)
+
+
 @cli.command(name="list")
 @_json_option
 @_debug_option

@@ -44,7 +44,7 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Gra
             if node.op == proto.op_type and not any(True for _ in subgraphs(node)):
                 cache[id(node)] = (_node_key(node), node, proto)
     if infer_shapes:
-        _infer_into(graph, _model_skeleton(model))
+        _infer_into(graph, model_skeleton(model))
     return graph
 
 
@@ -315,7 +315,7 @@ def _infer_into(graph: gs.Graph, skeleton: onnx.ModelProto) -> int:
     return changed
 
 
-def _model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without large initializer bytes: those become typed graph inputs."""
     skeleton = _empty_like(model.ir_version, model.opset_import, model.functions, model.graph.name)
     graph = skeleton.graph

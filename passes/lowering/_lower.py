@@ -1,0 +1,88 @@
+"""`lower`: a shape-frozen ONNX model -> a Relax IRModule scheduled for one target."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import onnx
+import tvm
+from tvm import tirx
+
+from passes.lowering._errors import LoweringError, last_line
+from passes.lowering._relax import TensorSpec, import_onnx
+from passes.lowering._schedule import (
+    legalize_and_fuse,
+    prim_funcs,
+    schedule,
+    with_work_group_limit,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoweredModel:
+    """A model lowered for one target: the scheduled module plus what a check or a build needs.
+
+    `reference_kernels` are the same PrimFuncs before scheduling (legalized and fused only); they
+    compile for the host CPU, so a GPU kernel can be compared with them on this machine.
+    """
+
+    module: tvm.IRModule
+    reference_kernels: Mapping[str, tirx.PrimFunc]
+    target_name: str
+    backend: str
+    device: str
+    tvm_target: tvm.target.Target
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    qlinear_matmuls_decomposed: int = 0
+    int8_matmuls: int = 0
+    seconds: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def kernels(self) -> dict[str, tirx.PrimFunc]:
+        """The scheduled TIR functions by name (one or more device kernels each on a GPU)."""
+        return prim_funcs(self.module)
+
+
+def lower(model: onnx.ModelProto, target: Any) -> LoweredModel:
+    """Import `model` (all input shapes static) into Relax, keep int8 matmuls int8, legalize, fuse and
+    schedule for `target` (a `passes.targets.TargetDescription`). Raises `LoweringError`."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    imported = import_onnx(model)
+    seconds["import"] = time.perf_counter() - started
+    tvm_target = _tvm_target(target)
+    started = time.perf_counter()
+    try:
+        fused = legalize_and_fuse(imported.module, tvm_target)
+    except Exception as err:  # TVM raises its own error types from C++
+        raise LoweringError(f"legalizing the model for target {target.name!r} failed: {last_line(err)}") from err
+    seconds["legalize"] = time.perf_counter() - started
+    references = MappingProxyType(prim_funcs(fused))
+    started = time.perf_counter()
+    try:
+        scheduled = schedule(fused, target, tvm_target)
+    except LoweringError:
+        raise
+    except Exception as err:
+        raise LoweringError(f"scheduling for target {target.name!r} failed: {last_line(err)}") from err
+    seconds["schedule"] = time.perf_counter() - started
+    logger.info("lowered for %s: %d kernels, %d int8 matmuls", target.name, len(references), imported.int8_matmuls)
+    return LoweredModel(scheduled, references, target.name, target.backend, target.device, tvm_target,
+                        imported.inputs, imported.outputs, imported.qlinear_matmuls_decomposed,
+                        imported.int8_matmuls, MappingProxyType(seconds))
+
+
+def _tvm_target(target: Any) -> tvm.target.Target:
+    made = target.tvm_target()
+    if not isinstance(made, tvm.target.Target):
+        raise LoweringError(f"target {target.name!r}: tvm_target() returned {type(made).__name__}, not a tvm Target")
+    return with_work_group_limit(made, getattr(getattr(target, "schedule", None), "max_work_group", None))
+

@@ -1,0 +1,115 @@
+"""Legalize, fuse and schedule a Relax module for one target.
+
+GPU targets (OpenCL Adreno and Mali, Metal) get dlight's generic GPU rules in the order TVM's own GPU
+pipeline uses: Matmul, GEMV, Reduction, GeneralReduction, Fallback. TVM's Adreno pipeline leaves Matmul
+and GEMV out (it relies on texture conv kernels), so they are named here explicitly for every OpenCL
+device; Metal takes the same list. CPU (llvm) targets keep TVM's default CPU pipeline: legalized,
+fused, unscheduled loops.
+
+Numbers come from the target description (see `_rules`): the matmul tiling from `schedule.gemm`,
+shared memory from `gpu.dedicated_local_memory`, and one work-group limit, the smallest of
+`schedule.max_work_group` and the TVM target's `max_num_threads` / `max_threads_per_block`, written
+back into the TVM target so that every rule and the code generators see the same limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import dlight as dl
+
+from passes.lowering._errors import LoweringError
+from passes.lowering._rules import (
+    CappedGeneralReduction,
+    ConfiguredMatmul,
+    WithinWorkGroup,
+    matmul_tiles,
+)
+
+#: the PrimFunc attribute dlight sets on what it scheduled
+SCHEDULED_ATTR = "tirx.is_scheduled"
+#: TVM target attributes that bound a work-group; dlight reads the first, codegen checks the second
+_THREAD_LIMITS = ("max_threads_per_block", "max_num_threads")
+#: work-group limit assumed when the TVM target states none
+_DEFAULT_THREADS = 256
+
+
+def legalize_and_fuse(module: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
+    """Relax ops -> fused TIR PrimFuncs (TVM's generic legalize passes, the same for CPU and GPU)."""
+    passes = tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ])
+    with tvm_target:
+        return passes(module)
+
+
+def prim_funcs(module: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
+    """The module's TIR functions by name."""
+    return {gvar.name_hint: func for gvar, func in module.functions_items() if isinstance(func, tirx.PrimFunc)}
+
+
+def schedule(module: tvm.IRModule, target: Any, tvm_target: tvm.target.Target) -> tvm.IRModule:
+    """A scheduled copy of `module` (GPU: dlight rules; CPU: unchanged). The input is left as it was."""
+    if target.device != "gpu":
+        return module
+    copy = tvm.IRModule(dict(module.functions_items()), attrs=module.attrs)  # ApplyDefaultSchedule edits in place
+    with tvm_target:
+        scheduled = dl.ApplyDefaultSchedule(*gpu_rules(target, tvm_target))(copy)
+    unscheduled = sorted(name for name, func in prim_funcs(scheduled).items() if not _is_scheduled(func))
+    if unscheduled:
+        raise LoweringError(f"no dlight rule could schedule {', '.join(unscheduled)} for target {target.name!r}; "
+                            f"these kernels would have no thread bindings")
+    return scheduled
+
+
+def gpu_rules(target: Any, tvm_target: tvm.target.Target) -> list[dl.ScheduleRule]:
+    """dlight rules for a GPU target, configured from the target description."""
+    limit = max_threads(tvm_target) or _DEFAULT_THREADS
+    gpu = getattr(target, "gpu", None)
+    use_shared = getattr(gpu, "dedicated_local_memory", None)
+    return [
+        WithinWorkGroup(ConfiguredMatmul(matmul_tiles(target), use_shared, limit), limit),
+        WithinWorkGroup(dl.gpu.GEMV(), limit),
+        WithinWorkGroup(dl.gpu.Reduction(), limit),
+        WithinWorkGroup(CappedGeneralReduction(limit), limit),
+        dl.gpu.Fallback(),
+    ]
+
+
+def max_threads(tvm_target: tvm.target.Target) -> int | None:
+    """The work-group limit: the smaller of the target's max_num_threads and max_threads_per_block."""
+    values = [int(tvm_target.attrs[key]) for key in _THREAD_LIMITS if tvm_target.attrs.get(key) is not None]
+    return min(values) if values else None
+
+
+def with_work_group_limit(tvm_target: tvm.target.Target, schedule_limit: int | None) -> tvm.target.Target:
+    """`tvm_target` with max_num_threads and max_threads_per_block both set to the smallest limit
+    (theirs and the description's `schedule.max_work_group`); CPU targets are returned unchanged.
+
+    dlight reads max_threads_per_block first and TVM defaults it to 256 for OpenCL, so a target that
+    only lowers max_num_threads (Mali: 64) would otherwise still get 256-thread work-groups.
+    """
+    if "gpu" not in tvm_target.keys:
+        return tvm_target
+    limits = [value for value in (max_threads(tvm_target), schedule_limit) if value is not None]
+    if not limits:
+        return tvm_target
+    limit = min(limits)
+    if all(tvm_target.attrs.get(key) is not None and int(tvm_target.attrs[key]) == limit for key in _THREAD_LIMITS):
+        return tvm_target
+    spec = {key: value for key, value in tvm_target.export().items() if key != "host"}
+    spec.update({key: limit for key in _THREAD_LIMITS})
+    host = tvm_target.host
+    return tvm.target.Target(spec, host=host) if host is not None else tvm.target.Target(spec)
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return func.attrs is not None and bool(func.attrs.get(SCHEDULED_ATTR, False))

@@ -1,0 +1,251 @@
+"""`passes run`: rewrite a model with the target's pipeline, lower it through TVM, build, and write
+the artifacts and a report into `OUT/<target>/`.
+
+    result = run_for_target("graph.onnx", "sd8gen2", "out")   # -> RunReport (also out/sd8gen2/report.json)
+
+Dynamic input dims not bound by `input_shapes` are bound from the target's defaults (dims named like
+a batch get `defaults.batch`, every other symbolic dim `defaults.sequence`), and the report says which.
+The artifact folder is assembled in a temporary folder beside it and renamed into place, so a failed
+run never leaves half an output; the input model is never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from passes import ir
+from passes.errors import ModelSaveError, VerificationError
+from passes.io import load_model_with_info, save_model
+from passes.manager import PassManager
+from passes.roofline import estimate
+from passes.summary import summarize
+from passes.verify import compare_outputs, random_feeds, run_model
+
+#: capability -> (op it covers, pass that removes the op when the target lacks it)
+CAPABILITY_OPS: Mapping[str, tuple[str, str]] = {
+    "layer_norm_op": ("LayerNormalization", "decompose-layer-norm"),
+    "rms_norm_op": ("RMSNormalization", "decompose-rms-norm"),
+    "gelu_op": ("Gelu", "decompose-gelu"),
+    "einsum": ("Einsum", "einsum-to-matmul"),
+}
+HOST_RTOL, HOST_ATOL = 1e-4, 1e-4  # float32: TVM's fused kernels reassociate reductions
+
+
+@dataclass
+class BoundDim:
+    input: str
+    axis: int
+    dim: str
+    value: int
+    source: str  # "--shape" or "target defaults.batch" / "target defaults.sequence"
+
+
+@dataclass
+class RunReport:
+    """Everything `passes run` did; `report.json` is `to_dict()`."""
+
+    target: str
+    model: str
+    output_dir: str
+    bound_dims: list[BoundDim]
+    pipeline: dict[str, Any]
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    weight_bytes: dict[str, int]
+    parameters: int
+    roofline: dict[str, Any]
+    missing_ops: list[dict[str, str]]
+    build_seconds: float
+    artifacts: dict[str, str]  # name -> path relative to output_dir
+    host_check: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_for_target(
+    model_path: str | os.PathLike[str],
+    target_spec: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    pipeline: str | None = None,
+) -> RunReport:
+    """Load, rewrite, lower, build and write artifacts for one target; return the report."""
+    from passes.targets import load_target
+
+    target = load_target(target_spec)
+    loaded = load_model_with_info(model_path)
+    final_dir = Path(output_dir) / target.name.replace(":", "-")
+    _check_output_dir(final_dir, Path(model_path))
+    shapes, bound = bind_dims(loaded.model, input_shapes or {}, target)
+    result = PassManager(pipeline or target.pipeline, input_shapes=shapes).run(loaded.model)
+    optimized = result.model
+    tokens = int(np.prod(next(iter(shapes.values()), (1,))))  # batch x sequence of the first input
+    roofline = estimate(optimized, target, tokens=tokens)
+    summary = summarize(optimized)
+    report = RunReport(
+        target=target.name, model=str(model_path), output_dir=str(final_dir), bound_dims=bound,
+        pipeline=result.report.to_dict(), ops_before=result.report.ops_before, ops_after=result.report.ops_after,
+        weight_bytes=summary.weight_bytes, parameters=summary.parameters, roofline=roofline.to_dict(),
+        missing_ops=missing_ops(result.report.ops_before, result.report.ops_after, target),
+        build_seconds=0.0, artifacts={},
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        _build_into(staging, optimized, target, report, shapes)
+        _replace_dir(staging, final_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def bind_dims(
+    model: onnx.ModelProto, given: Mapping[str, Sequence[int]], target: Any
+) -> tuple[dict[str, tuple[int, ...]], list[BoundDim]]:
+    """Concrete shapes for every input: --shape first, then symbols they bind, then target defaults."""
+    initializers = {t.name for t in model.graph.initializer}
+    symbols: dict[str, tuple[int, str]] = {}
+    for value in model.graph.input:
+        for dim, size in zip(value.type.tensor_type.shape.dim, given.get(value.name, ())):
+            if dim.HasField("dim_param"):
+                symbols.setdefault(dim.dim_param, (int(size), "--shape"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    bound: list[BoundDim] = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if value.name in given:
+            shapes[value.name] = tuple(int(d) for d in given[value.name])
+            continue
+        dims = []
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                dims.append(dim.dim_value)
+                continue
+            name = dim.dim_param or f"{value.name}[{axis}]"
+            if name not in symbols:
+                is_batch = "batch" in name.lower() or (axis == 0 and not dim.dim_param)
+                symbols[name] = (
+                    (target.defaults.batch, "target defaults.batch") if is_batch
+                    else (target.defaults.sequence, "target defaults.sequence")
+                )
+            size, source = symbols[name]
+            dims.append(size)
+            bound.append(BoundDim(value.name, axis, name, size, source))
+        shapes[value.name] = tuple(dims)
+    return shapes, bound
+
+
+def missing_ops(before: Mapping[str, int], after: Mapping[str, int], target: Any) -> list[dict[str, str]]:
+    """Ops the model had that the target lacks, and what became of them."""
+    rows = []
+    for capability, (op, handler) in CAPABILITY_OPS.items():
+        if before.get(op) and not target.has(capability):
+            left = after.get(op, 0)
+            status = f"removed by {handler}" if not left else f"{left} left: add {handler} to the pipeline"
+            rows.append({"op": op, "capability": capability, "status": status})
+    return rows
+
+
+def _build_into(staging: Path, optimized: onnx.ModelProto, target: Any, report: RunReport,
+                shapes: Mapping[str, Sequence[int]]) -> None:
+    from passes.lowering import build, lower, run_host, write_artifacts
+
+    started = time.perf_counter()
+    built = build(lower(optimized, target), target)
+    report.build_seconds = time.perf_counter() - started
+    save_model(optimized, staging / "model.onnx")
+    written = {name: path.relative_to(staging) for name, path in write_artifacts(built, staging).items()}
+    written["model.onnx"] = Path("model.onnx")
+    if built.runs_here:
+        report.host_check = _host_check(built, optimized, shapes, run_host)
+    else:
+        report.notes.append(
+            f"{target.name} is not this machine: the build is not run here"
+            + (" (its kernels are checked on PoCL by the test suite)" if target.backend == "opencl" else "")
+        )
+        report.notes.append("linking a loadable library needs the target's toolchain (Android NDK / Xcode): "
+                            "model.tar holds the objects")
+    manifest = _manifest(optimized, target, {name: staging / rel for name, rel in written.items()})
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    written["manifest.json"] = Path("manifest.json")
+    written["report.json"] = Path("report.json")
+    report.artifacts = {name: str(rel) for name, rel in sorted(written.items())}
+    (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+
+
+def _host_check(built: Any, optimized: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], run_host: Any) -> dict[str, Any]:
+    feeds = random_feeds(optimized, 0, input_shapes=shapes)
+    expected = run_model(optimized, feeds)
+    comparison = compare_outputs(expected, run_host(built, feeds), rtol=HOST_RTOL, atol=HOST_ATOL)
+    if not comparison.ok:
+        worst = max(comparison.outputs, key=lambda o: o.max_abs_error)
+        raise VerificationError(
+            f"the host build differs from onnxruntime: output '{worst.name}' max abs error "
+            f"{worst.max_abs_error:.3g} (rtol={HOST_RTOL:g}, atol={HOST_ATOL:g})"
+        )
+    return comparison.to_dict()
+
+
+def _manifest(model: onnx.ModelProto, target: Any, files: Mapping[str, Path]) -> dict[str, Any]:
+    graph = ir.import_graph(model, infer_shapes=False)
+    return {
+        "target": target.name,
+        "inputs": [{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape or [])} for t in graph.inputs],
+        "outputs": [{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape or [])} for t in graph.outputs],
+        "versions": {name: _version(name) for name in ("passes", "onnx", "onnx-graphsurgeon", "apache-tvm",
+                                                       "apache-tvm-ffi", "onnxruntime", "numpy")}
+        | {"python": platform.python_version()},
+        "sha256": {name: _sha256(path) for name, path in sorted(files.items()) if path.is_file()},
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_output_dir(final_dir: Path, model_path: Path) -> None:
+    parent = final_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise ModelSaveError(f"{parent}: exists and is not a folder")
+    parent.mkdir(parents=True, exist_ok=True)
+    if model_path.resolve().parent == final_dir.resolve() or final_dir.resolve() in model_path.resolve().parents:
+        raise ModelSaveError(f"{final_dir}: the output folder holds the input model; choose another -o")
+
+
+def _replace_dir(staging: Path, final_dir: Path) -> None:
+    """Swap the new artifact folder in; the previous one is removed only after the new one is in place."""
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, old)
+    os.replace(staging, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

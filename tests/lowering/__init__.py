@@ -1,0 +1,106 @@
+"""Lowering tests: shared, cached builds (a TVM build takes about a second, so each target's sample
+build is made once per test process and reused), ONNX graph builders and onnxruntime runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+#: the frozen sample's input shape
+SAMPLE_SHAPE = (1, 16)
+#: float32 tolerance of the host build against onnxruntime: same math, different summation order
+HOST_RTOL = 1e-4
+HOST_ATOL = 1e-4
+#: ONNX 8-bit element types and their numpy dtypes
+INT8_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
+
+
+@cache
+def sample_model() -> onnx.ModelProto:
+    """The bundled tiny-llama (2 layers, TorchScript idiom), optimized and frozen at (1, 16)."""
+    import passes
+    from passes.samples import build_sample
+
+    return passes.optimize(build_sample("tiny-llama"), input_shapes={"input_ids": SAMPLE_SHAPE})
+
+
+@cache
+def target(name: str):  # -> passes.targets.TargetDescription
+    from passes.targets import load_target
+
+    return load_target(name)
+
+
+@cache
+def lowered_sample(target_name: str):  # -> LoweredModel
+    from passes.lowering import lower
+
+    return lower(sample_model(), target(target_name))
+
+
+@cache
+def built_sample(target_name: str):  # -> BuiltModel
+    from passes.lowering import build
+
+    return build(lowered_sample(target_name), target(target_name))
+
+
+def sample_feeds(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(0, 256, SAMPLE_SHAPE).astype(np.int64)}
+
+
+def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds)))
+
+
+def onnx_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+               outputs: Sequence[onnx.ValueInfoProto], initializers: Sequence[onnx.TensorProto] = (),
+               *, opset: int = 17, check: bool = True) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers))
+    made = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    made.ir_version = 8
+    if check:
+        onnx.checker.check_model(made, full_check=True)
+    return made
+
+
+def random_int8(rng: np.random.Generator, elem_type: int, shape: Sequence[int]) -> np.ndarray:
+    """Uniform over the whole range of an 8-bit ONNX type."""
+    info = np.iinfo(INT8_TYPES[elem_type])
+    return rng.integers(info.min, info.max, tuple(shape), endpoint=True).astype(INT8_TYPES[elem_type])
+
+
+def qlinear_matmul_model(m: int, k: int, n: int, a_type: int, b_type: int, y_type: int, *, per_column: bool,
+                         scales: tuple[float, float, float], zeros: tuple[int, int, int], seed: int = 0,
+                         dynamic_scales: bool = False) -> onnx.ModelProto:
+    """y = QLinearMatMul(a[1, m, k], a_scale, a_zero, W[k, n], b_scale, b_zero, y_scale, y_zero); per-column
+    b scales/zero points are random around `scales[1]`; with `dynamic_scales` the scales are graph inputs."""
+    rng = np.random.default_rng(seed)
+    b_scale = np.float32(scales[1]) * (rng.uniform(0.5, 2.0, n).astype(np.float32) if per_column else np.float32(1))
+    b_zero = random_int8(rng, b_type, (n,)) if per_column else np.array(zeros[1]).astype(INT8_TYPES[b_type])
+    inits = [numpy_helper.from_array(random_int8(rng, b_type, (k, n)), "w"),
+             numpy_helper.from_array(np.array(zeros[0]).astype(INT8_TYPES[a_type]), "a_zero"),
+             numpy_helper.from_array(b_zero, "b_zero"),
+             numpy_helper.from_array(np.array(zeros[2]).astype(INT8_TYPES[y_type]), "y_zero")]
+    scale_values = {"a_scale": np.array(scales[0], np.float32), "b_scale": np.asarray(b_scale, np.float32),
+                    "y_scale": np.array(scales[2], np.float32)}
+    inputs = [helper.make_tensor_value_info("a", a_type, [1, m, k])]
+    if dynamic_scales:
+        inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape))
+                   for name, value in scale_values.items()]
+    else:
+        inits += [numpy_helper.from_array(value, name) for name, value in scale_values.items()]
+    node = helper.make_node("QLinearMatMul", ["a", "a_scale", "a_zero", "w", "b_scale", "b_zero", "y_scale", "y_zero"],
+                            ["y"], name="qmm")
+    return onnx_model([node], inputs, [helper.make_tensor_value_info("y", y_type, [1, m, n])], inits)

@@ -8,8 +8,9 @@ The public names below are imported lazily, so `import passes` stays fast and ne
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from passes._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -48,14 +49,4 @@ if TYPE_CHECKING:
     from passes.targets import TargetDescription, list_targets, load_target
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'passes' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("passes", globals(), _EXPORTS)

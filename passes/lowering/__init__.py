@@ -11,8 +11,9 @@ The only graph-side code that imports TVM; it does so lazily, when one of these 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from passes._lazy import lazy_exports
 
 _EXPORTS = {
     "LoweringError": "passes.lowering._errors",
@@ -37,14 +38,4 @@ if TYPE_CHECKING:
     from passes.lowering._sources import metal_source_problems
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'passes.lowering' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("passes.lowering", globals(), _EXPORTS)

@@ -259,8 +259,8 @@ def run_report(report: RunReport) -> None:
         console.print(f"dynamic dims bound: {bound}")
     pipeline = report.pipeline
     console.print(
-        f"pipeline {pipeline['pipeline']}: {pipeline['nodes_before']} -> {pipeline['nodes_after']} nodes "
-        f"in {pipeline['wall_s']:.2f} s; built in {report.build_seconds:.1f} s"
+        f"pipeline {report.pipeline_spec} ({len(pipeline['passes'])} pass runs): {pipeline['nodes_before']} -> "
+        f"{pipeline['nodes_after']} nodes in {pipeline['wall_s']:.2f} s; built in {report.build_seconds:.1f} s"
     )
     _run_ops_table(report)
     roof = report.roofline

@@ -62,6 +62,7 @@ class RunReport:
     model: str
     output_dir: str
     bound_dims: list[BoundDim]
+    pipeline_spec: str  # as given (--pipeline or the target's), before expansion
     pipeline: dict[str, Any]
     ops_before: dict[str, int]
     ops_after: dict[str, int]
@@ -101,7 +102,7 @@ def run_for_target(
     summary = summarize(optimized)
     report = RunReport(
         target=target.name, model=str(model_path), output_dir=str(final_dir), bound_dims=bound,
-        pipeline=result.report.to_dict(), ops_before=result.report.ops_before, ops_after=result.report.ops_after,
+        pipeline_spec=pipeline or target.pipeline, pipeline=result.report.to_dict(), ops_before=result.report.ops_before, ops_after=result.report.ops_after,
         weight_bytes=summary.weight_bytes, parameters=summary.parameters, roofline=roofline.to_dict(),
         missing_ops=missing_ops(result.report.ops_before, result.report.ops_after, target),
         build_seconds=0.0, artifacts={},

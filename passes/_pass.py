@@ -65,6 +65,9 @@ class Pass(abc.ABC):
     """Base class of every pass. Subclasses are frozen dataclasses that set `name` and implement `call`."""
 
     name: ClassVar[str] = ""
+    #: False for passes that change numerics on purpose (quantization, fp16): the generic property
+    #: test then checks validity and idempotence, and the pass's own tests state its accuracy bound.
+    exact: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -95,6 +95,8 @@ class FoldConstants(Pass):
                 return [picked], ""
         if not node.inputs:
             return None, ""
+        if node.op == "DequantizeLinear":
+            return None, "DequantizeLinear keeps its weight quantized (folding would store it as float again)"
         inputs: list[np.ndarray | None] = []
         for tensor in node.inputs:
             if not tensor.name and isinstance(tensor, gs.Variable):

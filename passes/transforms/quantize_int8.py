@@ -1,0 +1,206 @@
+"""`quantize-int8`: int8 weights (per output channel, symmetric) for MatMul/Gemm with a constant weight.
+
+    w8a8-dynamic: MatMul(x, W) -> Mul(Cast(MatMulInteger(xq, Wq, zx)), sx * sW) where (xq, sx, zx) = DynamicQuantizeLinear(x)
+    w8a8-static:  MatMul(x, W) -> Mul(Cast(MatMulInteger(QuantizeLinear(x, sx, zx), Wq, zx)), sx * sW)   (sx, zx calibrated)
+    w8a16:        MatMul(x, W) -> MatMul(x, DequantizeLinear(Wq, sW, axis=1))
+
+Wq = clip(round_half_even(W / sW), -127, 127) with sW[n] = max_k |W[k, n]| / 127 (see `_quantize`).
+Activations are uint8 asymmetric in both W8A8 schemes (DynamicQuantizeLinear's form), so MatMulInteger
+always sees (uint8, int8), which onnxruntime and the TVM lowering run as int8. A Gemm's alpha is folded
+into the rescale and beta * C added after it; transB is handled (the int8 weight is stored [K, N] for
+MatMulInteger, and w8a16 keeps the Gemm with its transB, dequantizing along axis 0). Each rewritten
+matmul keeps its output tensor (name included), so per-layer accuracy can match layers by name.
+
+w8a8-static needs activation ranges: from `calibration` (an .npz of inputs by name), else from inputs
+generated with `passes.verify.random_feeds` at the model's shapes (`stats["calibration"] = "generated"`).
+`percentile` < 100 clips each range to that percentile of |values| on both sides (100 is min-max).
+
+Ordering: run after `fold-constants` and the fusions (fuse-qkv, fuse-matmul-add): fold-constants would
+fold a small DequantizeLinear(Wq) back to a float weight.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes import ir
+from passes._pass import Pass, PassResult
+from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
+from passes.transforms._quantize import (
+    ActivationQuantization,
+    QuantizeOptions,
+    Scheme,
+    activation_quantization,
+    bias_tensor,
+    integer_matmul_tail,
+    kn_weight,
+    quantize_weight,
+    refusal,
+    stored_weight,
+    weighted_matmul,
+)
+
+
+class _QuantizeRule(RewriteRule):
+    """Match any MatMul/Gemm; `_quantize.refusal` says which ones have a weight to quantize."""
+
+    anchor_ops = ("MatMul", "Gemm")
+
+    def __init__(self, options: QuantizeOptions) -> None:
+        self.options = options
+
+    def match(self, anchor: gs.Node, ctx: RewriteContext) -> Match | None:
+        if len(anchor.inputs) < 2:
+            return None
+        return Match(anchor, [anchor], {"mm": weighted_matmul(anchor)})
+
+    def check(self, match: Match, ctx: RewriteContext) -> str | None:
+        return refusal(match["mm"], ctx, self.options)
+
+
+class QuantizeDynamicW8A8(_QuantizeRule):
+    math = "MatMul(x, W) -> Mul(Cast(MatMulInteger(DynamicQuantizeLinear(x), Wq, zx)), sx * sW)"
+
+    def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
+        mm = match["mm"]
+        base = mm.node.name or "matmul"
+        quantized = quantize_weight(stored_weight(mm, ctx), 0 if mm.trans_b else 1)
+        x_q, x_scale, x_zero = (ctx.variable(f"{base}/{part}", dtype)
+                                for part, dtype in (("x_uint8", np.uint8), ("x_scale", np.float32),
+                                                    ("x_zero_point", np.uint8)))
+        nodes = [ctx.node("DynamicQuantizeLinear", [mm.x], [x_q, x_scale, x_zero], base=f"{base}/quantize_x")]
+        scale = ctx.variable(f"{base}/scale", np.float32)
+        weight_scale = ctx.const(f"{base}/weight_scale", quantized.scale * np.float32(mm.alpha))
+        nodes.append(ctx.node("Mul", [x_scale, weight_scale], [scale], base=f"{base}/scale"))
+        tail, result = integer_matmul_tail(ctx, mm, x_q, x_zero, kn_weight(mm, quantized), scale)
+        return Replacement(nodes + tail, [result])
+
+
+class QuantizeStaticW8A8(_QuantizeRule):
+    math = "MatMul(x, W) -> Mul(Cast(MatMulInteger(QuantizeLinear(x, sx, zx), Wq, zx)), sx * sW)"
+
+    def __init__(self, options: QuantizeOptions, activations: Mapping[str, ActivationQuantization]) -> None:
+        super().__init__(options)
+        self.activations = activations
+
+    def check(self, match: Match, ctx: RewriteContext) -> str | None:
+        reason = super().check(match, ctx)
+        if reason is None and match["mm"].x.name not in self.activations:
+            return f"no calibration range for activation '{match['mm'].x.name}'"
+        return reason
+
+    def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
+        mm = match["mm"]
+        base = mm.node.name or "matmul"
+        params = self.activations[mm.x.name]
+        quantized = quantize_weight(stored_weight(mm, ctx), 0 if mm.trans_b else 1)
+        x_scale = ctx.const(f"{base}/x_scale", np.array(params.scale, dtype=np.float32))
+        x_zero = ctx.const(f"{base}/x_zero_point", np.array(params.zero_point, dtype=np.uint8))
+        x_q = ctx.variable(f"{base}/x_uint8", np.uint8)
+        nodes = [ctx.node("QuantizeLinear", [mm.x, x_scale, x_zero], [x_q], base=f"{base}/quantize_x")]
+        combined = (np.float32(params.scale) * quantized.scale * np.float32(mm.alpha)).astype(np.float32)
+        scale = ctx.const(f"{base}/scale", combined)
+        tail, result = integer_matmul_tail(ctx, mm, x_q, x_zero, kn_weight(mm, quantized), scale)
+        return Replacement(nodes + tail, [result])
+
+
+class QuantizeWeightOnlyW8A16(_QuantizeRule):
+    math = "MatMul(x, W) -> MatMul(x, DequantizeLinear(Wq, sW, axis=n))"
+
+    def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
+        mm = match["mm"]
+        base = mm.node.name or "matmul"
+        axis = 0 if mm.trans_b else 1
+        quantized = quantize_weight(stored_weight(mm, ctx), axis)
+        weight = ctx.variable(f"{base}/weight_dequantized", np.float32)
+        inputs = [ctx.const(f"{base}/weight_int8", quantized.values), ctx.const(f"{base}/weight_scale", quantized.scale)]
+        nodes = [ctx.node("DequantizeLinear", inputs, [weight], base=f"{base}/dequantize_weight", axis=axis)]
+        out = ctx.variable(f"{base}/output", mm.node.outputs[0].dtype)
+        if mm.node.op == "Gemm":
+            bias = bias_tensor(mm, ctx)
+            attrs = {k: v for k, v in mm.node.attrs.items() if k != "beta"}
+            nodes.append(ctx.node("Gemm", [mm.x, weight] + ([bias] if bias is not None else []), [out],
+                                  base=base, **attrs))
+        else:
+            nodes.append(ctx.node("MatMul", [mm.x, weight], [out], base=base))
+        return Replacement(nodes, [out])
+
+
+@dataclass(frozen=True)
+class QuantizeInt8(Pass):
+    """Quantize MatMul/Gemm weights to per-channel int8 (W8A8 dynamic or static, or weight-only W8A16)."""
+
+    name = "quantize-int8"
+    exact = False  # int8 is lossy: accuracy is stated as output SQNR (>= 30 dB), not a tolerance
+    scheme: Scheme = field(default="w8a8-dynamic", metadata={
+        "help": "w8a8-dynamic (activations quantized at run time), w8a8-static (calibrated) or w8a16 (weights only)"})
+    skip: str = field(default="", metadata={"help": "regex on node names left in float (e.g. lm_head)"})
+    min_elements: int = field(default=0, metadata={"help": "weights with fewer elements stay float"})
+    calibration: str = field(default="", metadata={
+        "help": ".npz of inputs by name for w8a8-static (default: generated random inputs)"})
+    percentile: float = field(default=100.0, metadata={
+        "help": "w8a8-static range estimator: percentile of values kept (100 = min-max)"})
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.min_elements < 0:
+            raise ValueError(f"min_elements must be >= 0, got {self.min_elements}")
+        try:
+            re.compile(self.skip)
+        except re.error as err:
+            raise ValueError(f"skip is not a valid regex: {self.skip!r} ({err})") from err
+
+    def _options(self) -> QuantizeOptions:
+        return QuantizeOptions(self.scheme, re.compile(self.skip) if self.skip else None, self.min_elements)
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        options = self._options()
+        extra: dict[str, int | float | str | bool] = {"scheme": self.scheme}
+        rule: RewriteRule
+        if self.scheme == "w8a8-dynamic":
+            rule = QuantizeDynamicW8A8(options)
+        elif self.scheme == "w8a16":
+            rule = QuantizeWeightOnlyW8A16(options)
+        else:
+            activations, source = self._calibrate(graph, options)
+            rule = QuantizeStaticW8A8(options, activations)
+            if source:
+                extra["calibration"] = source
+        result = run_rules(graph, [rule], "matmuls_quantized")
+        result.stats.update(extra)
+        return result
+
+    def _calibrate(self, graph: gs.Graph, options: QuantizeOptions) -> tuple[dict[str, ActivationQuantization], str]:
+        """uint8 parameters for the activations of the matmuls the rule will quantize, and where the
+        calibration inputs came from ("file", "generated"; "" when nothing needs calibrating)."""
+        from passes import calibration
+
+        names = _static_candidates(graph, options)
+        if not names:
+            return {}, ""
+        model = ir.export_model(graph)
+        if self.calibration:
+            feeds, source = calibration.load_calibration(self.calibration, model), "file"
+        else:
+            feeds, source = calibration.generated_feeds(model), "generated"
+        ranges = calibration.activation_ranges(model, names, feeds, percentile=self.percentile)
+        return {name: activation_quantization(r.low, r.high) for name, r in ranges.items()}, source
+
+
+def _static_candidates(graph: gs.Graph, options: QuantizeOptions) -> list[str]:
+    """Activation names of the matmuls `QuantizeStaticW8A8` would rewrite, in graph order."""
+    ctx = RewriteContext(graph)
+    names: list[str] = []
+    for node in graph.nodes:
+        if node.op not in _QuantizeRule.anchor_ops or not ir.is_default_domain(node) or len(node.inputs) < 2:
+            continue
+        mm = weighted_matmul(node)
+        if refusal(mm, ctx, options) is None and mm.x.name not in names:
+            names.append(mm.x.name)
+    return names

@@ -263,6 +263,10 @@ def run_report(report: RunReport) -> None:
         f"{pipeline['nodes_after']} nodes in {pipeline['wall_s']:.2f} s; built in {report.build_seconds:.1f} s"
     )
     _run_ops_table(report)
+    if report.quantization is not None:
+        q = report.quantization
+        console.print(f"quantized {q['matmuls_quantized']} matmuls {q['scheme']} ({q['chosen_by']}; calibration: "
+                      f"{q['calibration']}): output SQNR {q['output_sqnr_db']:.1f} dB on {q['accuracy_inputs']}")
     roof = report.roofline
     table = Table(title="roofline (upper bounds from the target's stated figures)", title_justify="left")
     for column in ("weights", "bytes read per token", "decode bound"):

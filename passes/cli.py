@@ -125,15 +125,20 @@ def opt(
               help="Artifacts go to OUTPUT/<target>/.")
 @_shape_option
 @click.option("-p", "--pipeline", default=None, help="Override the target's pass pipeline.")
+@click.option("-q", "--quantize", type=click.Choice(["auto", "none", "w8a8-dynamic", "w8a8-static", "w8a16"]),
+              default="auto", show_default=True, help="INT8 scheme; auto = the target's preference.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="An .npz of inputs by name for static W8A8 (else generated inputs, reported as such).")
 @_json_option
 @_debug_option
 def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipeline: str | None,
-        as_json: bool) -> None:
-    """Rewrite MODEL for a target, lower it through TVM, build, and write artifacts and a report."""
+        quantize: str, calibration: Path | None, as_json: bool) -> None:
+    """Rewrite MODEL for a target, quantize, lower it through TVM, build, write artifacts and a report."""
     from passes import _render
     from passes.run import run_for_target
 
-    report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline)
+    report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline,
+                            quantize=quantize, calibration=calibration)  # type: ignore[arg-type]
     if as_json:
         _print_json(report.to_dict())
     else:

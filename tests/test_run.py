@@ -154,3 +154,23 @@ def test_unsupported_op_is_one_clear_error(tmp_path: Path, capsys: pytest.Captur
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "Mystery" in err[0]
     assert not (tmp_path / "out" / "host").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(("target", "scheme"), [("sd8gen2", "w8a8-static"), ("a16", "w8a16")])
+def test_run_quantizes_with_the_targets_scheme(sample_path: Path, tmp_path: Path, target: str, scheme: str) -> None:
+    report = run_for_target(sample_path, target, tmp_path, input_shapes={"input_ids": (1, 16)})
+    quantization = report.quantization
+    assert quantization is not None and quantization["scheme"] == scheme
+    assert quantization["chosen_by"] == "target capabilities.quantization"
+    assert quantization["matmuls_quantized"] == 9  # fused QKV, o, gate/up, down per layer, and lm_head
+    assert quantization["output_sqnr_db"] >= 30.0  # the bar, on inputs calibration did not see
+    written = onnx.load(str(tmp_path / target / "model.onnx"))
+    ops = {n.op_type for n in written.graph.node}
+    assert ("MatMulInteger" in ops) if scheme.startswith("w8a8") else ("DequantizeLinear" in ops)
+
+
+def test_run_without_quantization_keeps_float_weights(sample_path: Path, tmp_path: Path) -> None:
+    report = run_for_target(sample_path, "host", tmp_path, input_shapes={"input_ids": (1, 8)}, quantize="none")
+    assert report.quantization is None and report.host_check is not None and report.host_check["ok"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "host" / "model.onnx")).graph.node}
+    assert not ops & {"MatMulInteger", "DequantizeLinear", "QuantizeLinear"}

@@ -1,0 +1,58 @@
+"""The 4-way int8 dot product of the OpenCL INT8 kernels: one extern name, a vendor builtin per GPU.
+
+The TIR calls `passes_dot4_acc(char4 a, char4 b, int acc)` (= acc + a.x*b.x + a.y*b.y + a.z*b.z + a.w*b.w,
+operands sign-extended to 32 bits) through `call_pure_extern`; TVM's OpenCL code generator emits the
+call by name and this prelude, prepended to the generated source, defines it:
+
+- Mali (`cl_arm_integer_dot_product_accumulate_int8`): `arm_dot_acc(char4, char4, int)`, signed
+  per Khronos extension #52; `cl_arm_integer_dot_product_int8` alone gives `acc + arm_dot(a, b)`.
+- Adreno (`cl_qcom_dot_product8`): `qcom_dot8_acc(uint, uint, int)` on the bytes reinterpreted as uint
+  (Qualcomm's Adreno OpenCL guide, section 9.5.1). Qualcomm's text is ambiguous about the operands'
+  signedness and this has not been checked on a device: `PASSES_QCOM_DOT8_UNSIGNED` selects the
+  unsigned reading, recovering the signed product by flipping the sign bits (x + 128 as u8) and
+  subtracting the cross terms: a.b = (a+128).(b+128) - 128*(sum a + sum b) - 4*128*128.
+- anything else (PoCL here): four multiply-adds.
+
+TVM 0.27 has no hook to add text to the OpenCL source it generates, so the prelude is prepended to
+`codegen`'s output by `with_prelude`; a TVM-built runtime module must be given the same source.
+"""
+
+from __future__ import annotations
+
+EXTERN = "passes_dot4_acc"
+"""The name the TIR calls; defined by `PRELUDE`."""
+
+ARM_BUILTIN = "arm_dot_acc"
+QCOM_BUILTIN = "qcom_dot8_acc"
+
+PRELUDE = f"""\
+// passes: 4-way int8 dot product with accumulate, {EXTERN}(char4 a, char4 b, int acc)
+#if defined(cl_arm_integer_dot_product_accumulate_int8)
+#pragma OPENCL EXTENSION cl_arm_integer_dot_product_accumulate_int8 : enable
+#define {EXTERN}(a, b, acc) {ARM_BUILTIN}((char4)(a), (char4)(b), (int)(acc))
+#elif defined(cl_arm_integer_dot_product_int8)
+#pragma OPENCL EXTENSION cl_arm_integer_dot_product_int8 : enable
+#define {EXTERN}(a, b, acc) ((int)(acc) + arm_dot((char4)(a), (char4)(b)))
+#elif defined(cl_qcom_dot_product8) && !defined(PASSES_QCOM_DOT8_UNSIGNED)
+#pragma OPENCL EXTENSION cl_qcom_dot_product8 : enable
+#define {EXTERN}(a, b, acc) {QCOM_BUILTIN}(as_uint((char4)(a)), as_uint((char4)(b)), (int)(acc))
+#elif defined(cl_qcom_dot_product8)
+#pragma OPENCL EXTENSION cl_qcom_dot_product8 : enable
+inline int {EXTERN}(char4 a, char4 b, int acc) {{
+  const uint flip = 0x80808080u;
+  int sums = (int)a.x + a.y + a.z + a.w + b.x + b.y + b.z + b.w;
+  return {QCOM_BUILTIN}(as_uint(a) ^ flip, as_uint(b) ^ flip, acc) - 128 * sums - 65536;
+}}
+#else
+inline int {EXTERN}(char4 a, char4 b, int acc) {{
+  return acc + (int)a.x * (int)b.x + (int)a.y * (int)b.y + (int)a.z * (int)b.z + (int)a.w * (int)b.w;
+}}
+#endif
+"""
+
+
+def with_prelude(source: str) -> str:
+    """`source` (OpenCL C from TVM) with the definition of `passes_dot4_acc` in front of it."""
+    if EXTERN not in source or PRELUDE in source:
+        return source
+    return PRELUDE + "\n" + source

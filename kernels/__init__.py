@@ -1,9 +1,13 @@
 """`passes.kernels`: INT8 matmul compute definitions, per-backend schedules and tensor intrinsics.
 
 Installed as `passes.kernels` (setuptools package-dir mapping); never importable as `kernels`.
-Only this package and `passes.lowering` import TVM. The kernels themselves arrive with the INT8
-kernels issue; until then the package holds no modules.
+Only this package and `passes.lowering` import TVM.
 
-- `x86_vnni`: W8A8 GEMM for the x86 host (own `vpdpbusd` intrinsic that verifies under LLVM 22; s8 x s8 via
-  the +128 shift), compute definition in `_gemm`.
+- `x86_vnni`: W8A8 GEMM for the x86 host (own `vpdpbusd` intrinsic that verifies under LLVM 22; s8 x s8
+  via the +128 shift and a per-column correction), compute definition in `_gemm`.
+- `arm_int8`: W8A8 GEMM for aarch64 CPUs: `sdot` (4-way dot) and an i8mm `smmla` (2x2x8) intrinsic,
+  chosen by the target's CPU features.
+- `opencl_int8`: W8A8 GEMM/GEMV for Adreno and Mali: char4 dot products through the vendor builtins
+  (`cl_qcom_dot_product8`, `cl_arm_integer_dot_product_int8`) behind `#ifdef`, with a portable fallback
+  (`_opencl_dot`), tiles from the target description.
 """

@@ -13,6 +13,7 @@ import onnx
 import tvm
 from tvm import tirx
 
+from passes.lowering._dispatch import dispatch_vnni_matmuls, target_has_vnni
 from passes.lowering._errors import LoweringError, last_line
 from passes.lowering._relax import TensorSpec, import_onnx
 from passes.lowering._schedule import (
@@ -59,9 +60,12 @@ def lower(model: onnx.ModelProto, target: Any) -> LoweredModel:
     imported = import_onnx(model)
     seconds["import"] = time.perf_counter() - started
     tvm_target = _tvm_target(target)
+    module = imported.module
+    if target.backend == "llvm" and target_has_vnni(tvm_target):
+        module, _ = dispatch_vnni_matmuls(module)
     started = time.perf_counter()
     try:
-        fused = legalize_and_fuse(imported.module, tvm_target)
+        fused = legalize_and_fuse(module, tvm_target)
     except Exception as err:  # TVM raises its own error types from C++
         raise LoweringError(f"legalizing the model for target {target.name!r} failed: {last_line(err)}") from err
     seconds["legalize"] = time.perf_counter() - started

@@ -80,6 +80,20 @@ def as_np_dtype(dtype: object) -> np.dtype:
     return np.dtype(dtype)  # type: ignore[arg-type]
 
 
+def elem_type(tensor: gs.Tensor) -> int | None:
+    """The ONNX element type (TensorProto enum) of a tensor, constants included; None when unknown.
+    graphsurgeon keeps types numpy lacks (bfloat16, float8) as the enum itself."""
+    dtype = tensor.dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, (int, np.integer)):
+        return int(dtype)
+    try:
+        return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
 def opset_version(graph: gs.Graph | onnx.ModelProto, domain: str = "") -> int:
     """The graph's opset for `domain` ("" and "ai.onnx" are the same), or 0 when not imported."""
     if isinstance(graph, onnx.ModelProto):

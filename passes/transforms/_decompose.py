@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
+from passes import ir
 from passes.rewrite import RewriteContext
 
 #: how `x^2` / `x^3` are spelled: `Mul(x, x)` chains or `Pow(x, n)`.
@@ -48,19 +49,9 @@ def norm_axes(x: gs.Tensor, axis: int) -> NormAxes | str:
     return NormAxes(list(range(start, rank)), shape[:start] + [1] * (rank - start))
 
 
-def element_type(tensor: gs.Tensor) -> int | None:
-    """The ONNX element type of `tensor`, or None when it is not known."""
-    dtype = tensor.dtype
-    if dtype is None:
-        return None
-    if isinstance(dtype, (int, np.integer)):  # graphsurgeon keeps types numpy lacks (bfloat16) as the enum
-        return int(dtype)
-    return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-
-
 def float_type(tensor: gs.Tensor, label: str) -> int | str:
     """The tensor's floating-point ONNX element type, else why it has none."""
-    elem = element_type(tensor)
+    elem = ir.elem_type(tensor)
     if elem is None:
         return f"dtype of {label} is unknown"
     if elem not in FLOAT_TYPES:

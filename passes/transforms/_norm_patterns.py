@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from passes import ir
+from passes.ir import elem_type
 from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule
 
 FLOAT = TensorProto.FLOAT
@@ -32,19 +33,6 @@ STASHABLE = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT)
 
 
 # -- tensors ---------------------------------------------------------------------------------
-def elem_type(tensor: gs.Tensor) -> int | None:
-    """The ONNX element type of a tensor (constants included), or None when unknown."""
-    dtype = tensor.dtype
-    if dtype is None:
-        return None
-    if isinstance(dtype, int):
-        return dtype
-    try:
-        return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-    except (TypeError, ValueError, KeyError):
-        return None
-
-
 def type_name(elem: int | None) -> str:
     return "unknown" if elem is None else TensorProto.DataType.Name(elem).lower()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
+from passes import ir
 from passes._pass import Pass, PassResult
 from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
 from passes.transforms._decompose import (
@@ -23,7 +24,6 @@ from passes.transforms._decompose import (
     Form,
     NormAxes,
     Powers,
-    element_type,
     float_type,
     norm_axes,
     stash_type,
@@ -82,7 +82,7 @@ def _plan(node: gs.Node) -> _RmsNormPlan | str:
     elem = float_type(x, "X")
     if isinstance(elem, str):
         return elem
-    scale_elem = element_type(scale)
+    scale_elem = ir.elem_type(scale)
     if scale_elem != elem:
         return f"scale is {type_name(scale_elem)} but X is {type_name(elem)} (mixed precision)"
     axes = norm_axes(x, int(node.attrs.get("axis", DEFAULT_AXIS)))

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from passes import ir
 from passes._pass import Pass, PassResult
 from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
 from passes.transforms._einsum import ELLIPSIS
@@ -85,12 +86,6 @@ def _einsum_types(opset: int) -> frozenset[str]:
     return frozenset(constraint.allowed_type_strs)
 
 
-def _type_name(dtype: object) -> str:
-    """`float`, `bfloat16`, ...: graphsurgeon keeps types numpy lacks as the ONNX enum value."""
-    elem = int(dtype) if isinstance(dtype, (int, np.integer)) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    return onnx.TensorProto.DataType.Name(elem).lower()
-
-
 class MatMulAsEinsum(RewriteRule):
     anchor_ops = ("MatMul",)
     math = "MatMul(a, b) -> Einsum(a, b){...ij,...jk->...ik}"
@@ -111,11 +106,12 @@ class MatMulAsEinsum(RewriteRule):
         reason = broadcast_reason(*(list(t.shape) for t in match.anchor.inputs))
         if reason is not None:
             return reason
-        dtype = match.anchor.inputs[0].dtype
-        if dtype is None:
+        elem = ir.elem_type(match.anchor.inputs[0])
+        if elem is None:
             return "the operands' element type is unknown"
-        if f"tensor({_type_name(dtype)})" not in _einsum_types(ctx.opset):
-            return f"Einsum has no {_type_name(dtype)} (opset {ctx.opset})"
+        name = onnx.TensorProto.DataType.Name(elem).lower()
+        if f"tensor({name})" not in _einsum_types(ctx.opset):
+            return f"Einsum has no {name} (opset {ctx.opset})"
         return None
 
     def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:

@@ -163,9 +163,5 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> list[dict[str,
 def generated_feeds(model: onnx.ModelProto, count: int = GENERATED_SAMPLES,
                     dynamic_dim: int = GENERATED_DYNAMIC_DIM) -> list[dict[str, np.ndarray]]:
     """`count` seeded random input sets at the model's static dims, dynamic dims set to `dynamic_dim`."""
-    initializers = {t.name for t in model.graph.initializer}
-    shapes = {
-        value.name: [d.dim_value if d.HasField("dim_value") else dynamic_dim for d in value.type.tensor_type.shape.dim]
-        for value in model.graph.input if value.name not in initializers
-    }
+    shapes = input_dims(model, dynamic_dim=dynamic_dim)
     return [random_feeds(model, seed, input_shapes=shapes) for seed in range(count)]

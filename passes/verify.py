@@ -65,9 +65,13 @@ class Comparison:
 
 
 def input_dims(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
 ) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for every graph input: given shapes, recorded test dims, else static dims / 2."""
+    """Concrete shapes for every graph input: given shapes, recorded test dims, else static dims and
+    `dynamic_dim` for each symbol."""
     given = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     recorded = _recorded_dims(model)
     initializers = {t.name for t in model.graph.initializer}
@@ -91,7 +95,7 @@ def input_dims(
         if value.name in initializers or value.name in shapes:
             continue
         shapes[value.name] = tuple(
-            d.dim_value if d.HasField("dim_value") else symbols.get(d.dim_param, DEFAULT_DYNAMIC_DIM)
+            d.dim_value if d.HasField("dim_value") else symbols.get(d.dim_param, dynamic_dim)
             for d in value.type.tensor_type.shape.dim
         )
     return shapes

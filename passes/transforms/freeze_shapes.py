@@ -77,13 +77,12 @@ class FreezeShapes(Pass):
                     raise self.violation(f"input {name!r} dim {axis} is fixed at {old}, cannot bind it to {new}")
 
     def call(self, graph: gs.Graph) -> PassResult:
-        before = ir.fingerprint(graph)
         bound = self._bind_inputs(graph)
-        ir.refresh_shapes(graph)
+        reshaped = ir.refresh_shapes(graph)  # tensors whose inferred shape or type became more known
         folding = FoldConstants(max_bytes=self.max_bytes).call(graph)
         folded = sum(int(v) for k, v in folding.stats.items() if k != "constant_nodes_lifted")
         stats = {"dims_bound": bound, "nodes_folded": folded, "dynamic_shape_inputs_left": count_dynamic_shapes(graph)}
-        return PassResult(graph, ir.fingerprint(graph) != before, stats)
+        return PassResult(graph, bool(bound or reshaped or folding.modified), stats)
 
     def ensures(self, graph: gs.Graph) -> None:
         for tensor in graph.inputs:

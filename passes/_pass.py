@@ -130,9 +130,7 @@ class Pass(abc.ABC):
         hints = typing.get_type_hints(cls)
         infos = []
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
+            default = _field_default(f)
             infos.append(
                 OptionInfo(f.name, _type_name(hints[f.name]), format_option(default), f.metadata.get("help", ""))
             )
@@ -163,12 +161,16 @@ class Pass(abc.ABC):
         changed = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
-            if value != default:
+            if value != _field_default(f):
                 changed.append(f"{f.name}={format_option(value)}")
         return f"{self.name}{{{','.join(changed)}}}" if changed else self.name
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    """A field's default value (its factory called), or None when it has none."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default if f.default is not dataclasses.MISSING else None
 
 
 def parse_option(hint: Any, text: str) -> Any:

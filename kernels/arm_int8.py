@@ -15,7 +15,9 @@ i8mm one; both are defined here so the two kernels share one style and one regis
 Padding: K to a multiple of the instruction depth and N to the column tile with zero weights, M to the
 row tile with zero activations; padded rows/columns are computed and never stored. Schedule: a
 `rows x cols` register block of int32 accumulators, the K loop outside it, one intrinsic per
-instruction tile, column tiles in parallel. The kernel picks smmla when `target` has i8mm, else sdot.
+instruction tile, column tiles in parallel; the block comes from the target description's
+`schedule.gemm` / `schedule.gemv` (`tiles_from_target`) or `default_tiles`. The kernel picks smmla when
+`target` has i8mm, else sdot.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from tvm.s_tir import Schedule
     from tvm.target import Target
     from tvm.tirx import PrimFunc
+
+    from passes.targets._schema import TargetDescription
 
 SDOT_INTRIN = "passes_arm_sdot_s8s8i32_4x4"
 SMMLA_INTRIN = "passes_arm_smmla_s8s8i32_2x2x8"
@@ -78,6 +82,13 @@ def default_tiles(m: int, inst: Instruction) -> ArmTiles:
     if m == 1:
         return ArmTiles(rows=inst.rows, cols=16)
     return ArmTiles(rows=4, cols=16)
+
+
+def tiles_from_target(target: TargetDescription, m: int, inst: Instruction) -> ArmTiles:
+    """The target's register block for M rows (`schedule.gemv` when M = 1, else `schedule.gemm`):
+    `tile_m` x `tile_n` rounded up to the instruction's rows and cols."""
+    tiles = target.schedule.gemv if m == 1 else target.schedule.gemm
+    return ArmTiles(rows=round_up(tiles.tile_m, inst.rows), cols=round_up(tiles.tile_n, inst.cols))
 
 
 def has_dotprod(target: Target) -> bool:

@@ -14,7 +14,8 @@ columns/rows inside the tile, each thread keeps `rows x cols` int32 accumulators
 (registers; no shared memory, as Mali wants) and walks K in steps of `tile_k` with the dot products
 unrolled. Rows and columns past M and N are clamped on load and not stored. The dot product is the
 extern `passes_dot4_acc` defined by `_opencl_dot.PRELUDE` (vendor builtin behind `#ifdef`, portable
-fallback), which `opencl_source` prepends to TVM's generated source.
+fallback), which the OpenCL code generator's post-processing hook (`_opencl_dot.install_postproc`)
+prepends to each kernel's source. `reference_matmul` is the same product unscheduled, for the host.
 
 Tiles come from the target's `schedule.gemm` (prefill, M >= 16) / `schedule.gemv` (decode): a GEMM runs
 `work_group_x x work_group_y` threads over columns x rows, each `tile_n / work_group_x` columns by
@@ -25,13 +26,13 @@ Work-groups are capped at the target's thread limit (Mali: 64).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._gemm import round_up
-from ._opencl_dot import EXTERN, with_prelude
+from ._opencl_dot import EXTERN, install_postproc, with_prelude
 
 if TYPE_CHECKING:
     from passes.targets._schema import KernelTiles, TargetDescription
@@ -64,9 +65,10 @@ class OpenclTiles:
         return self.threads_m * self.threads_n
 
 
-def tiles_from_target(target: TargetDescription, m: int) -> OpenclTiles:
-    """The target's starting tiles for M rows: `schedule.gemv` when M = 1, else `schedule.gemm`."""
-    limit = target.schedule.max_work_group or 256
+def tiles_from_target(target: TargetDescription, m: int, max_threads: int | None = None) -> OpenclTiles:
+    """The target's starting tiles for M rows: `schedule.gemv` when M = 1, else `schedule.gemm`; work-groups
+    capped at the smaller of `schedule.max_work_group` and `max_threads` (the TVM target's limit)."""
+    limit = min((x for x in (target.schedule.max_work_group, max_threads) if x), default=256)
     if m == 1:
         return _tiles(target.schedule.gemv, limit, gemv=True)
     return _tiles(target.schedule.gemm, limit, gemv=False)
@@ -92,6 +94,14 @@ class Epilogue:
 
 def padded_k(k: int, tiles: OpenclTiles) -> int:
     return round_up(k, tiles.tile_k)
+
+
+def fit_tile_k(tiles: OpenclTiles, k: int) -> OpenclTiles:
+    """`tiles` with `tile_k` lowered to the largest multiple of 4 that divides K rounded up to 4, so that
+    activations need no padding beyond K's next multiple of 4 (none for K % 4 == 0)."""
+    depth = round_up(k, DOT)
+    fitted = next(t for t in range(min(tiles.tile_k, depth), 0, -DOT) if depth % t == 0)
+    return replace(tiles, tile_k=fitted)
 
 
 def pack_activations(a: np.ndarray, tiles: OpenclTiles) -> np.ndarray:
@@ -172,6 +182,20 @@ def int8_matmul(m: int, k: int, n: int, tiles: OpenclTiles, epilogue: Epilogue |
     return func.with_attr({"global_symbol": "main", "tirx.noalias": True})
 
 
+def reference_matmul(m: int, k: int, n: int, tiles: OpenclTiles) -> PrimFunc:
+    """The unscheduled compute definition with `int8_matmul`'s parameters (A[M, Kp], B[Kp/4, N, 4],
+    C_i32[M, N]): what the host builds to check the OpenCL kernel against."""
+    from tvm import te
+
+    kp = padded_k(k, tiles)
+    a = te.placeholder((m, kp), "int8", name="A")
+    b = te.placeholder((kp // DOT, n, DOT), "int8", name="B")
+    r = te.reduce_axis((0, kp), name="r")
+    c = te.compute((m, n), lambda i, j: te.sum(
+        a[i, r].astype("int32") * b[r // DOT, j, r % DOT].astype("int32"), axis=r), name="C")
+    return te.create_prim_func([a, b, c])
+
+
 @dataclass(frozen=True)
 class OpenclKernel:
     """One lowered kernel: its OpenCL C (prelude included), the NDRange launch, and its parameters."""
@@ -191,6 +215,7 @@ def build_opencl(m: int, k: int, n: int, tiles: OpenclTiles, target: Target,
     from passes.lowering._schedule import max_threads
     from passes.lowering._tir import codegen, lower_kernels
 
+    install_postproc()
     limit = max_threads(target)
     if limit and tiles.threads > limit:
         raise ValueError(f"opencl-int8: {tiles.threads} threads per work-group exceed the target's {limit}")

@@ -18,6 +18,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from passes.kernels._opencl_dot import install_postproc
 from passes.lowering._errors import LoweringError, last_line
 from passes.lowering._lower import LoweredModel
 from passes.lowering._sources import (
@@ -72,6 +73,8 @@ def build(lowered: LoweredModel, target: Any) -> BuiltModel:
                             f"lower it again for {target.name!r}")
     tvm_target = lowered.tvm_target
     pipeline = _relax_pipeline(tvm_target)
+    if tvm_target.kind.name == "opencl":
+        install_postproc()  # dispatched INT8 kernels call passes_dot4_acc: their sources get its definition
     started = time.perf_counter()
     try:
         executable = tvm.compile(lowered.module, tvm_target, relax_pipeline=pipeline)

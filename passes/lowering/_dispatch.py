@@ -1,63 +1,134 @@
-"""Dispatch the int8 matmuls of a Relax module to the x86 AVX512-VNNI GEMM (`passes.kernels.x86_vnni`).
+"""Dispatch the int8 matmuls of a Relax module to the project's INT8 kernels (`passes.kernels`).
 
-    matmul(a_s8[.., M, K], W_s8[K, N], out_dtype=i32)
-        -> reshape(call_tir(vnni_gemm, reshape(a, [M', K]), pack(W), 128 * colsum(W)), [.., M, N])
-    (M' = prod(.., M))
-    matmul(a_u8, W_s8) = sum_k ((a_u8 - 128) + 128) W = vnni_gemm(a_u8 - 128, pack(W), correction 0)
+    matmul(a[.., M, K] s8|u8, W_s8[K, N] constant, out_dtype=i32)
+        -> reshape(call_tir(kernel, [a'[M', K], family operands of W]) (+ 128 * colsum(W)), [.., M, N])
+    a' = a (int8) or a - 128 as int8 (uint8; exact: the difference lies in [-128, 127]); M' = prod(.., M)
+    matmul(a_u8, W) = matmul(a_u8 - 128, W) + 128 * colsum(W)   (int32, bit for bit)
 
-Runs after `_int8`'s rewrite, before legalization, for llvm targets whose CPU has AVX512-VNNI. A
-matmul is dispatched when its activation is int8 or uint8 with a static shape of rank >= 2 and its
-weight is a 2-D int8 constant; the weight becomes the packed constant and the shift correction
-`pack_weights` makes. The kernel (compute definition + the kernel's default schedule for M') is added
-once per (M', K, N), already scheduled (`tirx.is_scheduled`) and opaque to fusion (`op_pattern`), so
-legalization, fusion and the default schedule leave it as it is (TVM's CPU pipeline has no schedule
-pass; the GPU ones skip what is marked scheduled).
+Runs after `_int8`'s rewrite, before legalization. Which family of kernels a target gets is data: its
+backend and its CPU features (`_dispatch_families.choose_family`): x86 llvm with AVX512-VNNI ->
+`x86-vnni`; aarch64 llvm with i8mm -> `arm-smmla`, with dotprod -> `arm-sdot`; OpenCL -> `opencl-int8`
+(GEMV for M' = 1, GEMM otherwise). A matmul is dispatched when its activation is int8 or uint8 with a
+static shape of rank >= 2 and its weight is a 2-D int8 constant [K, N]; the weight is packed for the
+kernel at lower time. Each kernel (already scheduled, marked `tirx.is_scheduled`, opaque to fusion via
+`op_pattern`) is added once per (M', K, N), so legalization, fusion and dlight leave it as it is.
+Everything else (uint8 or non-constant weights, dynamic shapes, empty tensors) stays a Relax matmul.
 
-The kernel computes u8 x s8 on `a_s8 + 128` (`vpdpbusd` accumulates in int32 without saturating). A
-uint8 activation (static W8A8 quantizes activations to uint8 with a zero point) goes in as
-`a_u8 - 128` with a zero correction, so the kernel multiplies `a_u8` itself. Either way the result
-equals `matmul(a, W)` in int32 bit for bit. Everything else (uint8 weights, weights that are not
-constants, dynamic shapes) stays a Relax matmul.
+Each dispatched kernel also has a reference: the family's compute definition with the same
+parameters, unscheduled, which builds for this machine's CPU (`LoweredModel.reference_kernels`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from passes.kernels import x86_vnni
-from passes.kernels._gemm import SHIFT, GemmShape, shifted_gemm
+from passes.kernels._gemm import SHIFT
+from passes.lowering._errors import LoweringError, last_line
 from passes.lowering._schedule import SCHEDULED_ATTR
 
 logger = logging.getLogger(__name__)
 
-#: PrimFunc names of dispatched kernels: vnni_gemm_m{M}_k{K}_n{N}
-KERNEL_PREFIX = "vnni_gemm"
 #: the op_pattern FuseOps never fuses (relay's kOpaque)
-_OPAQUE = 8
+OPAQUE = 8
 
 
-def target_has_vnni(tvm_target: tvm.target.Target) -> bool:
-    """Whether `tvm_target` is an x86 llvm target whose CPU has AVX512-VNNI."""
-    if tvm_target.kind.name != "llvm":
-        return False
-    triple = str(tvm_target.attrs.get("mtriple", "") or tvm.target.codegen.llvm_get_system_triple())
-    if not triple.startswith(("x86_64", "i686", "i386")):
-        return False
-    return x86_vnni.has_vnni(tvm_target)
+@dataclass(frozen=True)
+class Int8Matmul:
+    """One dispatchable matmul: the activation flattened to [M', K] int8 (shifted when it was uint8),
+    the constant weight [K, N] int8, and whether the activation was uint8."""
+
+    activation: relax.Expr
+    rows: int
+    weight: np.ndarray
+    unsigned: bool
+
+    @property
+    def depth(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.weight.shape[1])
 
 
-def dispatch_vnni_matmuls(module: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """Replace each dispatchable int8 matmul of every Relax function by a VNNI kernel call;
-    returns (module, count). `module` is left as it was."""
+@dataclass(frozen=True)
+class KernelPlan:
+    """A kernel for one (M', K, N): its PrimFunc name, the scheduled PrimFunc, and the reference."""
+
+    name: str
+    scheduled: tirx.PrimFunc
+    reference: tirx.PrimFunc
+
+
+class KernelFamily(Protocol):
+    """A family of INT8 kernels for one target (see `_dispatch_families`)."""
+
+    name: str
+
+    def kernel(self, rows: int, depth: int, cols: int) -> KernelPlan:
+        """The kernel computing C_i32[rows, cols] = A_s8[rows, depth] @ W_s8[depth, cols]."""
+        ...
+
+    def operands(self, matmul: Int8Matmul) -> tuple[list[relax.Expr], np.ndarray | None]:
+        """The kernel's inputs for `matmul`, and the int32 [N] to add to its result (None: nothing)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What one family took: how many matmuls, and the kernels (PrimFunc names) they became."""
+
+    matmuls: int
+    kernels: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"matmuls": self.matmuls, "kernels": list(self.kernels)}
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """The rewritten module, {family: Dispatched} (empty when nothing was dispatched) and the
+    reference PrimFunc of each dispatched kernel by name."""
+
+    module: tvm.IRModule
+    dispatched: Mapping[str, Dispatched] = field(default_factory=dict)
+    references: Mapping[str, tirx.PrimFunc] = field(default_factory=dict)
+
+    @property
+    def matmuls(self) -> int:
+        return sum(entry.matmuls for entry in self.dispatched.values())
+
+
+def dispatch_int8_matmuls(module: tvm.IRModule, target: Any, tvm_target: tvm.target.Target) -> Dispatch:
+    """Dispatch the int8 matmuls of `module` to the kernel family `target` gets (none: unchanged)."""
+    from passes.lowering._dispatch_families import choose_family
+
+    family = choose_family(target, tvm_target)
+    if family is None:
+        return Dispatch(module)
+    try:
+        return dispatch_to(module, family)
+    except Exception as err:  # TVM re-raises a callback's error as its own type
+        raise LoweringError(f"dispatching the int8 matmuls of target {target.name!r} to {family.name} kernels "
+                            f"failed: {last_line(err)}") from err
+
+
+def dispatch_to(module: tvm.IRModule, family: KernelFamily) -> Dispatch:
+    """Replace each dispatchable int8 matmul of every Relax function by a call of `family`'s kernel.
+    `module` is left as it was."""
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
     pattern = is_op("relax.matmul")(wildcard(), wildcard())
     builder = relax.BlockBuilder(tvm.IRModule(dict(module.functions_items()), attrs=module.attrs))
-    kernels: dict[tuple[int, int, int], tvm.ir.GlobalVar] = {}
+    kernels: dict[tuple[int, int, int], tuple[tvm.ir.GlobalVar, KernelPlan]] = {}
     count = 0
     for gvar, func in module.functions_items():
         if not isinstance(func, relax.Function):
@@ -66,47 +137,52 @@ def dispatch_vnni_matmuls(module: tvm.IRModule) -> tuple[tvm.IRModule, int]:
 
         def dispatch(call: relax.Call, _: object, bindings: dict = bindings) -> relax.Expr:
             nonlocal count
-            replacement = _dispatched(call, bindings, builder, kernels)
+            replacement = _dispatched(call, bindings, builder, kernels, family)
             if replacement is None:
                 return call
             count += 1
             return replacement
 
         builder.update_func(gvar, rewrite_call(pattern, dispatch, func))
-    updated = builder.get()
-    if count:
-        updated = relax.transform.DeadCodeElimination()(updated)
-        logger.info("dispatched %d int8 matmuls to %d x86 VNNI kernels", count, len(kernels))
-    return updated, count
+    if not count:
+        return Dispatch(module)
+    updated = relax.transform.DeadCodeElimination()(builder.get())
+    names = tuple(sorted(plan.name for _, plan in kernels.values()))
+    logger.info("dispatched %d int8 matmuls to %d %s kernels", count, len(names), family.name)
+    references = {plan.name: plan.reference for _, plan in kernels.values()}
+    return Dispatch(updated, MappingProxyType({family.name: Dispatched(count, names)}), MappingProxyType(references))
 
 
 def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder,
-                kernels: dict[tuple[int, int, int], tvm.ir.GlobalVar]) -> relax.Expr | None:
+                kernels: dict[tuple[int, int, int], tuple[tvm.ir.GlobalVar, KernelPlan]],
+                family: KernelFamily) -> relax.Expr | None:
     if call.attrs is None or str(call.attrs.out_dtype) != "int32" or len(call.args) != 2:
         return None
     activation, weight = call.args[0], _constant(call.args[1], bindings)
-    shape = _static_shape(activation)
-    unsigned = _dtype(activation) == "uint8"
-    if weight is None or shape is None or len(shape) < 2 or _dtype(activation) not in ("int8", "uint8"):
+    shape, dtype = _static_shape(activation), _dtype(activation)
+    if weight is None or shape is None or len(shape) < 2 or dtype not in ("int8", "uint8"):
         return None
     if weight.dtype != np.int8 or weight.ndim != 2 or weight.shape[0] != shape[-1]:
         return None
     rows, depth, cols = int(np.prod(shape[:-1])), shape[-1], weight.shape[1]
     if min(rows, depth, cols) < 1:
         return None  # empty tensors: nothing for a kernel to do
-    tiles = x86_vnni.default_tiles(rows)
-    packed = x86_vnni.pack_weights(weight, cols=tiles.cols)
-    kernel = kernels.get((rows, depth, cols))
-    if kernel is None:
-        kernel = builder.add_func(_kernel(GemmShape(rows, depth, cols, tiles.rows, tiles.cols), tiles),
-                                  f"{KERNEL_PREFIX}_m{rows}_k{depth}_n{cols}")
-        kernels[(rows, depth, cols)] = kernel
-    signed = _to_int8(activation) if unsigned else activation
-    flat = signed if len(shape) == 2 else relax.op.reshape(signed, (rows, depth))
-    correction = np.zeros_like(packed.correction) if unsigned else packed.correction
-    result = relax.call_tir(kernel, [flat, relax.const(packed.data), relax.const(correction)],
-                            relax.TensorType((rows, cols), "int32"))
+    if (rows, depth, cols) not in kernels:
+        plan = family.kernel(rows, depth, cols)
+        kernels[(rows, depth, cols)] = (builder.add_func(_marked(plan.scheduled), plan.name), plan)
+    kernel = kernels[(rows, depth, cols)][0]
+    flat = activation if len(shape) == 2 else relax.op.reshape(activation, (rows, depth))
+    signed = _to_int8(flat) if dtype == "uint8" else flat
+    inputs, correction = family.operands(Int8Matmul(signed, rows, weight, dtype == "uint8"))
+    result = relax.call_tir(kernel, inputs, relax.TensorType((rows, cols), "int32"))
+    if correction is not None:
+        result = relax.op.add(result, relax.const(correction))
     return result if len(shape) == 2 else relax.op.reshape(result, (*shape[:-1], cols))
+
+
+def uint8_correction(weight: np.ndarray) -> np.ndarray:
+    """128 * sum_k W[k, n] as int32: what matmul(a_u8 - 128, W) lacks of matmul(a_u8, W)."""
+    return (SHIFT * weight.astype(np.int32).sum(axis=0, dtype=np.int32)).astype(np.int32)
 
 
 def _to_int8(activation: relax.Expr) -> relax.Expr:
@@ -115,11 +191,11 @@ def _to_int8(activation: relax.Expr) -> relax.Expr:
     return relax.op.astype(relax.op.subtract(widened, relax.const(np.int32(SHIFT))), "int8")
 
 
-def _kernel(shape: GemmShape, tiles: x86_vnni.VnniTiles) -> tirx.PrimFunc:
-    """The scheduled `shifted_gemm` PrimFunc, marked scheduled and opaque to fusion."""
-    func = x86_vnni.schedule_gemm(shifted_gemm(shape), tiles).mod["main"]
-    func = func.without_attr("global_symbol")
-    return func.with_attrs({SCHEDULED_ATTR: True, "op_pattern": _OPAQUE})
+def _marked(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """`func` without its global symbol, marked scheduled and opaque to fusion."""
+    if func.attrs is not None and "global_symbol" in func.attrs:
+        func = func.without_attr("global_symbol")
+    return func.with_attrs({SCHEDULED_ATTR: True, "op_pattern": OPAQUE})
 
 
 def _constant(expr: relax.Expr, bindings: dict) -> np.ndarray | None:
@@ -129,7 +205,7 @@ def _constant(expr: relax.Expr, bindings: dict) -> np.ndarray | None:
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    shape = getattr(expr.ty, "shape", None)
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
     if shape is None or not all(isinstance(dim, tirx.IntImm) for dim in shape):
         return None
     return tuple(int(dim) for dim in shape)

@@ -83,9 +83,9 @@ def test_tiles_follow_the_target_and_respect_mali_work_group_limit() -> None:
 @pytest.mark.parametrize("name", TARGETS)
 def test_source_has_vendor_dot_behind_ifdef_and_a_fallback(name: str) -> None:
     source = _kernel(name, 16, 64, 64).source
-    assert source.startswith(PRELUDE)
-    assert "#pragma OPENCL EXTENSION" not in source[len(PRELUDE):]
-    body = source[len(PRELUDE):]
+    head, _, body = source.partition(PRELUDE)
+    assert head == "// Function: main_kernel\n"  # the hook's output follows TVM's section mark
+    assert "#pragma OPENCL EXTENSION" not in body and PRELUDE not in body
     assert f"{EXTERN}(vload4(" in body and "__local" not in body  # char4 loads, no shared memory
     assert "int acc_ptr[" in body  # the accumulators are private (registers), not a global array
     lines = PRELUDE.splitlines()
@@ -159,3 +159,86 @@ def test_fused_dequant_epilogue(name: str, bias: bool) -> None:
         want = want + scales[2]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def restore_postproc():
+    """Put back whatever OpenCL post-processing hook was registered before the test."""
+    import tvm_ffi
+
+    from passes.kernels import _opencl_dot
+
+    saved = {name: tvm_ffi.get_global_func(name, allow_missing=True)
+             for name in (_opencl_dot.POSTPROC_HOOK, _opencl_dot._OURS)}
+    yield
+    for name, function in saved.items():
+        if function is not None:
+            tvm_ffi.register_global_func(name, function, override=True)
+        else:
+            tvm_ffi.register_global_func(name, lambda code, target: code, override=True)
+
+
+def _generated(m: int, k: int, n: int) -> str:
+    """TVM's OpenCL codegen output for the kernel (through the post-processing hook, if any)."""
+    from passes.lowering._tir import codegen, lower_kernels
+
+    target = _target("tensor-g3").tvm_target()
+    lowered = lower_kernels({"main": ocl.int8_matmul(m, k, n, ocl.OpenclTiles())}, target)
+    return codegen(lowered.device_module, target)
+
+
+def test_postproc_hook_is_idempotent_and_composes_with_an_earlier_one(restore_postproc) -> None:
+    """TVM 0.27 calls `tvm_callback_opencl_postproc(code, target)` on each kernel's source: ours runs an
+    earlier hook first, prepends the prelude once, and installing it again changes nothing."""
+    import tvm_ffi
+
+    from passes.kernels._opencl_dot import POSTPROC_HOOK, install_postproc
+
+    seen: list[str] = []
+
+    def earlier(code: str, target: object) -> str:
+        seen.append(type(target).__name__)
+        return "// earlier hook\n" + code
+
+    tvm_ffi.register_global_func(POSTPROC_HOOK, earlier, override=True)
+    install_postproc()
+    hook = tvm_ffi.get_global_func(POSTPROC_HOOK)
+    install_postproc()
+    assert tvm_ffi.get_global_func(POSTPROC_HOOK).same_as(hook)
+    source = _generated(2, 8, 4)
+    assert seen == ["Target"]  # one kernel, one call, with the TVM target
+    assert source.count(PRELUDE) == 1 and source.index(PRELUDE) < source.index("// earlier hook")
+    assert hook("__kernel void f() {}", None) == "// earlier hook\n__kernel void f() {}"  # no dot: no prelude
+    assert hook(PRELUDE + f"x = {EXTERN}(a, b, c);", None).count(PRELUDE) == 1
+
+
+def test_without_the_hook_the_generated_source_lacks_the_prelude(restore_postproc) -> None:
+    """The control: TVM alone emits the call and no definition (the prelude comes from the hook)."""
+    import tvm_ffi
+
+    from passes.kernels._opencl_dot import POSTPROC_HOOK
+
+    tvm_ffi.register_global_func(POSTPROC_HOOK, lambda code, target: code, override=True)
+    source = _generated(2, 8, 4)
+    assert f"{EXTERN}(vload4(" in source and PRELUDE not in source
+
+
+@pytest.mark.parametrize(("tile_k", "k", "fitted"), [(32, 176, 16), (128, 64, 64), (128, 4096, 128), (256, 37, 40),
+                                                      (16, 12, 12), (8, 1, 4)])
+def test_tile_k_is_fitted_so_activations_need_no_padding_beyond_a_multiple_of_4(tile_k: int, k: int,
+                                                                                 fitted: int) -> None:
+    tiles = ocl.fit_tile_k(ocl.OpenclTiles(tile_k=tile_k), k)
+    assert tiles.tile_k == fitted and ocl.padded_k(k, tiles) == -(-k // 4) * 4
+
+
+def test_reference_matmul_has_the_kernels_parameters_and_is_exact() -> None:
+    """The host reference the harness checks a dispatched kernel against: same buffers, numpy's sums."""
+    tiles = ocl.OpenclTiles(tile_k=8)
+    reference, kernel = ocl.reference_matmul(3, 13, 5, tiles), ocl.int8_matmul(3, 13, 5, tiles)
+    assert [tuple(map(int, p.shape)) for p in reference.params] == [(3, 16), (4, 5, 4), (3, 5)]
+    assert [tuple(map(int, p.shape)) for p in kernel.params] == [(3, 16), (4, 5, 4), (3, 5)]
+    a, b = _operands(5, 3, 13, 5, extremes=True)
+    built = tvm.compile(tvm.IRModule({"main": reference}), tvm.target.Target("llvm"))
+    out = tvm.runtime.tensor(np.zeros((3, 5), np.int32))
+    built(tvm.runtime.tensor(ocl.pack_activations(a, tiles)), tvm.runtime.tensor(ocl.pack_weights(b, tiles)), out)
+    np.testing.assert_array_equal(out.numpy(), _reference(a, b))

@@ -5,8 +5,11 @@ another architecture) the old path stays."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 import onnx
@@ -101,15 +104,17 @@ def _feeds(made: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
 @needs_vnni
 def test_quantized_sample_runs_vnni_kernels_bit_exact_with_onnxruntime() -> None:
     """Static W8A8 tiny-llama (1, 16): every int8 matmul dispatched, int32 math exact, so logits equal ORT's."""
-    from passes.lowering._dispatch import dispatch_vnni_matmuls
+    from passes.lowering._dispatch import dispatch_to
+    from passes.lowering._dispatch_families import VnniFamily
     from passes.lowering._relax import import_onnx
 
     made = quantized_sample()
     assert sum(node.op_type == "MatMulInteger" for node in made.graph.node) == 9
     imported = import_onnx(made)
-    _, dispatched = dispatch_vnni_matmuls(imported.module)
-    assert imported.int8_matmuls == dispatched == 9
+    assert imported.int8_matmuls == dispatch_to(imported.module, VnniFamily()).matmuls == 9
     built = _lower_and_build(made)
+    assert built.lowered.dispatched["x86-vnni"].matmuls == 9
+    assert list(built.lowered.dispatched["x86-vnni"].kernels) == _vnni_kernels(built)
     assert _vnni_kernels(built) == ["vnni_gemm_m16_k176_n64", "vnni_gemm_m16_k64_n192", "vnni_gemm_m16_k64_n256",
                                     "vnni_gemm_m16_k64_n352", "vnni_gemm_m16_k64_n64"]
     assert all(built.lowered.kernels[name].attrs["tirx.is_scheduled"] for name in _vnni_kernels(built))
@@ -123,13 +128,13 @@ def test_without_vnni_the_int8_matmuls_stay_relax_matmuls(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(x86_vnni, "has_vnni", lambda target=None: False)
     built = _lower_and_build(quantized_sample())
-    assert _vnni_kernels(built) == []
+    assert _vnni_kernels(built) == [] and dict(built.lowered.dispatched) == {}
     assert built.lowered.int8_matmuls == 9
     _assert_bit_exact(built, quantized_sample(), sample_feeds(0))
 
 
 def test_only_x86_llvm_targets_with_vnni_dispatch() -> None:
-    from passes.lowering._dispatch import target_has_vnni
+    from passes.lowering._dispatch_families import target_has_vnni
 
     assert not target_has_vnni(target("sd8gen2:cpu").tvm_target())  # aarch64 llvm
     assert not target_has_vnni(target("sd8gen2").tvm_target())  # opencl
@@ -162,3 +167,39 @@ def test_matmuls_the_kernel_cannot_take_stay_relax_matmuls(w_type: int, constant
     assert _vnni_kernels(built) == [] and built.lowered.int8_matmuls == 1
     _assert_bit_exact(built, made, _feeds(made))
 
+
+
+@dataclass(frozen=True)
+class OnHost:
+    """A kernel family whose kernels are its references (unscheduled compute definitions): the dispatch
+    rewrite (flattening, uint8 shift, padding, weight packing, correction) with kernels that build and
+    run on this CPU, so a dispatched model can be compared with onnxruntime end to end."""
+
+    inner: Any
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def kernel(self, rows: int, depth: int, cols: int) -> Any:
+        plan = self.inner.kernel(rows, depth, cols)
+        return dataclasses.replace(plan, scheduled=plan.reference)
+
+    def operands(self, matmul: Any) -> Any:
+        return self.inner.operands(matmul)
+
+
+def lower_on_host_with(family: Any, made: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch):  # -> BuiltModel
+    """Lower + build `made` for the host with `OnHost(family)` as the host's kernel family."""
+    from passes.lowering import _dispatch_families
+
+    monkeypatch.setattr(_dispatch_families, "choose_family", lambda target, tvm_target: OnHost(family))
+    return _lower_and_build(made)
+
+
+def assert_bit_exact_with_onnxruntime(built, made: onnx.ModelProto, seeds: range = range(1)) -> None:
+    """Every output of the host build equals onnxruntime's bit for bit, for int8/uint8 feeds drawn over
+    their whole range (the sample's token ids from `sample_feeds`)."""
+    for seed in seeds:
+        feeds = sample_feeds(seed) if made.graph.input[0].name == "input_ids" else _feeds(made, seed)
+        _assert_bit_exact(built, made, feeds)

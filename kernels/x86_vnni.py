@@ -10,7 +10,8 @@ int8 x int8 goes through u8 x s8 with the shift of `_gemm.shifted_gemm` (A + 128
 `128 * sum_k B[k, n]` computed by `pack_weights`). The schedule keeps a `rows x cols` block of
 int32 accumulators in registers (`rows * cols / 16` zmm), runs the K loop over it with one intrinsic
 per 16 columns x 4 reductions, parallelises over column tiles and vectorises the prologue (shift)
-and the epilogue (correction + crop). `rows` and `cols` are the tunable knobs.
+and the epilogue (correction + crop). `design_space` exposes the knobs to MetaSchedule: the register
+tile (`rows`, `cols`, sampled) and where the shift and the parallel loop go (one space each).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ class VnniTiles:
     `rows * cols / 16` accumulators must fit the 32 zmm registers with room for the B loads.
     `shift_per_tile` recomputes the +128 shift of A inside each parallel column tile instead of in a
     separate parallel pass (one thread-pool launch fewer; pays off when A is a single row tile).
+    `parallel_rows` spreads row tiles over the threads too, not only column tiles (narrow N).
     """
 
     rows: int = 4
     cols: int = 64
     shift_per_tile: bool = False
+    parallel_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.cols < LANES or self.cols % LANES:
@@ -139,20 +142,56 @@ def schedule_gemm(func: PrimFunc, tiles: VnniTiles) -> Schedule:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
+    _schedule(sch, lambda *_: (tiles.rows, tiles.cols // LANES), tiles.shift_per_tile, tiles.parallel_rows)
+    return sch
+
+
+#: structural variants of the design space: (shift_per_tile, parallel_rows); the tile sizes are sampled
+SPACE_VARIANTS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+#: largest register tile the space samples: rows <= MAX_ROWS, cols <= 16 * MAX_COL_VECTORS
+MAX_ROWS, MAX_COL_VECTORS = 4, 4
+
+
+def design_space(sch: Schedule) -> list[Schedule]:
+    """MetaSchedule design space of `shifted_gemm` (a `ScheduleFn`): one schedule per structural variant
+    (`SPACE_VARIANTS`), each with the register tile sampled as perfect tiles of the padded sizes
+    (`rows` | Mp, rows <= 4; `cols / 16` | Np / 16, cols <= 64), which MetaSchedule's tile-size mutator
+    explores. Every point is bit-exact, so the search only trades speed."""
+
+    def sampled(variant: Schedule, i: Any, j_vectors: Any) -> tuple[Any, Any]:
+        rows = variant.sample_perfect_tile(i, n=2, max_innermost_factor=MAX_ROWS)[1]
+        cols = variant.sample_perfect_tile(j_vectors, n=2, max_innermost_factor=MAX_COL_VECTORS)[1]
+        return rows, cols
+
+    spaces = []
+    for shift_per_tile, parallel_rows in SPACE_VARIANTS:
+        variant = sch.copy()
+        _schedule(variant, sampled, shift_per_tile, parallel_rows)
+        spaces.append(variant)
+    return spaces
+
+
+def _schedule(sch: Schedule, pick: Callable[[Schedule, Any, Any], tuple[Any, Any]],
+              shift_per_tile: bool, parallel_rows: bool) -> None:
+    """The micro-kernel schedule. `pick(sch, i, j_vectors)` gives the register tile as (rows, cols / 16),
+    ints or sampled variables, from the row loop and the loop over 16-column vectors."""
     gemm, out, shift = (
         sch.get_sblock("gemm"),
         sch.get_sblock("output"),
         sch.get_sblock("shift"),
     )
     i, j, r = sch.get_loops(gemm)
-    i_tile, i_reg = sch.split(i, [None, tiles.rows])
-    j_tile, j_vec, j_lane = sch.split(j, [None, tiles.cols // LANES, LANES])
+    j_vectors, j_lane = sch.split(j, [None, LANES])
+    rows, col_vectors = pick(sch, i, j_vectors)
+    i_tile, i_reg = sch.split(i, [None, rows])
+    j_tile, j_vec = sch.split(j_vectors, [None, col_vectors])
     r_step, r_lane = sch.split(r, [None, DEPTH])
     sch.reorder(j_tile, i_tile, r_step, i_reg, j_vec, j_lane, r_lane)
-    sch.parallel(j_tile)
-    if tiles.shift_per_tile:
-        sch.compute_at(shift, j_tile, preserve_unit_loops=True)
-    sch.reverse_compute_at(out, i_tile, preserve_unit_loops=True)
+    tile = sch.fuse(j_tile, i_tile) if parallel_rows else j_tile
+    sch.parallel(tile)
+    if shift_per_tile:
+        sch.compute_at(shift, tile, preserve_unit_loops=True)
+    sch.reverse_compute_at(out, tile if parallel_rows else i_tile, preserve_unit_loops=True)
     out_j = sch.get_loops(out)[-1]
     sch.vectorize(sch.split(out_j, [None, LANES])[1])
     init = sch.decompose_reduction(gemm, r_step)
@@ -162,10 +201,9 @@ def schedule_gemm(func: PrimFunc, tiles: VnniTiles) -> Schedule:
     sch.unroll(j_vec)
     s_fused = sch.fuse(*sch.get_loops(shift)[-2:])
     s_outer, s_vec = sch.split(s_fused, [None, 64])
-    if not tiles.shift_per_tile:
+    if not shift_per_tile:
         sch.parallel(s_outer)
     sch.vectorize(s_vec)
-    return sch
 
 
 def host_target() -> Target:

@@ -279,6 +279,11 @@ def run_report(report: RunReport) -> None:
                   f"matmul ops per token: {roof['matmul_ops_per_token'] or 0:,.0f}")
     for row in report.missing_ops:
         console.print(f"target lacks {row['op']} ({row['capability']}): {row['status']}")
+    for family, d in report.dispatched.items():
+        console.print(f"{d['matmuls']} int8 matmuls -> {len(d['kernels'])} {family} kernels")
+    if report.tuning is not None:
+        console.print(f"tuned schedules from {report.tuning['session']}: {report.tuning['kernels_tuned']} of "
+                      f"{report.tuning['kernels']} kernels")
     if report.host_check is not None:
         worst = max((o["max_abs_error"] for o in report.host_check["outputs"]), default=0.0)
         console.print(f"host build vs onnxruntime: [green]equal[/green] (max abs error {worst:.3g}, "

@@ -8,6 +8,7 @@ shows the traceback instead. `verify` exits 1 when the models differ beyond tole
 from __future__ import annotations
 
 import json
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -129,20 +130,65 @@ def opt(
               default="auto", show_default=True, help="INT8 scheme; auto = the target's preference.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="An .npz of inputs by name for static W8A8 (else generated inputs, reported as such).")
+@click.option("--tuning", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Build with the best schedules of a `passes tune` session folder.")
 @_json_option
 @_debug_option
 def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipeline: str | None,
-        quantize: str, calibration: Path | None, as_json: bool) -> None:
+        quantize: str, calibration: Path | None, tuning: Path | None, as_json: bool) -> None:
     """Rewrite MODEL for a target, quantize, lower it through TVM, build, write artifacts and a report."""
     from passes import _render
     from passes.run import run_for_target
 
     report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline,
-                            quantize=quantize, calibration=calibration)  # type: ignore[arg-type]
+                            quantize=quantize, calibration=calibration, tuning=tuning)  # type: ignore[arg-type]
     if as_json:
         _print_json(report.to_dict())
     else:
         _render.run_report(report)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET",
+              help="A bundled target (see `passes targets`), NAME:cpu, or a path to a TOML.")
+@click.option("-s", "--session", type=click.Path(path_type=Path), required=True, metavar="DIR",
+              help="Session folder: created, or resumed from its records.")
+@click.option("-n", "--trials", type=click.IntRange(min=0), default=64, show_default=True,
+              help="New measurements in this run, spread over the kernels by FLOPs share.")
+@_shape_option
+@click.option("-q", "--quantize", type=click.Choice(["auto", "none", "w8a8-dynamic", "w8a8-static", "w8a16"]),
+              default="auto", show_default=True, help="INT8 scheme, as for `passes run`.")
+@click.option("--tracker", default=None, metavar="HOST:PORT",
+              help="Measure on devices registered with this TVM RPC tracker (no authentication: trusted networks only).")
+@click.option("--key", default=None, help="Device key the RPC servers registered with (with --tracker).")
+@click.option("--builders", type=click.IntRange(min=1), default=None, help="Build worker processes.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Candidates per search round.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search.")
+@click.option("--int8-only", is_flag=True, help="Tune only the INT8 kernels (passes.kernels), not the other fused kernels.")
+@_json_option
+@_debug_option
+def tune(model: Path, target_spec: str, session: Path, trials: int, shapes: Sequence[str], quantize: str,
+         tracker: str | None, key: str | None, builders: int | None, batch: int, seed: int, int8_only: bool,
+         as_json: bool) -> None:
+    """Autotune the kernels of MODEL for a target; resumable: run it again to go on from the records."""
+    from passes import _render_tune
+    from passes.tuning import SearchConfig, Tracker, TuneOptions
+    from passes.tuning import tune as tune_session
+
+    if key is not None and tracker is None:
+        raise click.UsageError("--key needs --tracker HOST:PORT")
+    options = TuneOptions(trials=trials, tracker=Tracker.parse(tracker, key) if tracker else None,
+                          search=SearchConfig(batch=batch, seed=seed), int8_only=int8_only,
+                          **({"builders": builders} if builders else {}))
+    with _render_tune.TuneProgress() if not as_json else contextlib.nullcontext() as display:
+        report = tune_session(model, target_spec, session, options, input_shapes=_parse_shapes(shapes),
+                              quantize=quantize, on_start=display.start if display else None,
+                              on_progress=display.update if display else None)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _render_tune.tune_report(report)
 
 
 @cli.command(name="list")

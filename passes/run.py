@@ -76,6 +76,8 @@ class RunReport:
     artifacts: dict[str, str]  # name -> path relative to output_dir
     host_check: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
+    tuning: dict[str, Any] | None = None
+    dispatched: dict[str, Any] = field(default_factory=dict)  # kernel family -> int8 matmuls and kernels
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,17 +99,23 @@ def run_for_target(
     pipeline: str | None = None,
     quantize: QuantizeChoice = "auto",
     calibration: str | os.PathLike[str] | None = None,
+    tuning: str | os.PathLike[str] | None = None,
 ) -> RunReport:
-    """Load, rewrite, quantize, lower, build and write artifacts for one target; return the report."""
+    """Load, rewrite, quantize, lower, build and write artifacts for one target; return the report.
+    `tuning` is a `passes tune` session folder whose best schedules the build uses."""
     from passes.targets import load_target
 
     target = load_target(target_spec)
-    loaded = load_model_with_info(model_path)
     final_dir = Path(output_dir) / target.name.replace(":", "-")
     _check_output_dir(final_dir, Path(model_path))
-    shapes, bound = bind_dims(loaded.model, input_shapes or {}, target)
-    result = PassManager(pipeline or target.pipeline, input_shapes=shapes).run(loaded.model)
-    optimized, quantization = _quantize(result.model, target, quantize, calibration, shapes)
+    if tuning is not None:
+        from passes.tuning import load_session
+
+        tuning = load_session(tuning)
+    prepared = prepare_model(model_path, target, input_shapes=input_shapes, pipeline=pipeline, quantize=quantize,
+                             calibration=calibration)
+    shapes, bound, result = prepared.shapes, prepared.bound, prepared.result
+    optimized, quantization = prepared.model, prepared.quantization
     tokens = int(np.prod(next(iter(shapes.values()), (1,))))  # batch x sequence of the first input
     roofline = estimate(optimized, target, tokens=tokens)
     summary = summarize(optimized)
@@ -120,11 +128,35 @@ def run_for_target(
     )
     staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
     try:
-        _build_into(staging, optimized, target, report, shapes)
+        _build_into(staging, optimized, target, report, shapes, tuning)
         _replace_dir(staging, final_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The model `passes run` and `passes tune` lower: rewritten by the pipeline, shapes bound, quantized."""
+
+    model: onnx.ModelProto
+    shapes: dict[str, tuple[int, ...]]
+    bound: list[BoundDim]
+    result: Any  # the pipeline's PassManager result (report of every pass)
+    quantization: dict[str, Any] | None
+
+
+def prepare_model(
+    model_path: str | os.PathLike[str], target: Any, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
+    pipeline: str | None = None, quantize: QuantizeChoice = "auto",
+    calibration: str | os.PathLike[str] | None = None,
+) -> PreparedModel:
+    """Load `model_path`, bind its dynamic dims, run the target's pipeline and quantize it."""
+    loaded = load_model_with_info(model_path)
+    shapes, bound = bind_dims(loaded.model, input_shapes or {}, target)
+    result = PassManager(pipeline or target.pipeline, input_shapes=shapes).run(loaded.model)
+    optimized, quantization = _quantize(result.model, target, quantize, calibration, shapes)
+    return PreparedModel(optimized, dict(shapes), bound, result, quantization)
 
 
 def _quantize(
@@ -206,12 +238,21 @@ def missing_ops(before: Mapping[str, int], after: Mapping[str, int], target: Any
 
 
 def _build_into(staging: Path, optimized: onnx.ModelProto, target: Any, report: RunReport,
-                shapes: Mapping[str, Sequence[int]]) -> None:
+                shapes: Mapping[str, Sequence[int]], tuning: Any = None) -> None:
     from passes.lowering import build, lower, run_host, write_artifacts
 
     started = time.perf_counter()
-    built = build(lower(optimized, target), target)
+    lowered = lower(optimized, target, tuning=tuning.memory if tuning is not None else None)
+    built = build(lowered, target)
     report.build_seconds = time.perf_counter() - started
+    report.dispatched = {family: d.to_dict() for family, d in lowered.dispatched.items()}
+    if tuning is not None:
+        report.tuning = {"session": str(tuning.folder), "records": len(tuning),
+                         "kernels_tuned": len(lowered.tuned_kernels), "kernels": len(lowered.reference_kernels),
+                         "tuned": list(lowered.tuned_kernels)}
+        if not lowered.tuned_kernels:
+            report.notes.append(f"the tuning session {tuning.folder} has no records for this model's kernels "
+                                f"on {target.name}: the build uses the default schedules")
     save_model(optimized, staging / "model.onnx")
     written = {name: path.relative_to(staging) for name, path in write_artifacts(built, staging).items()}
     written["model.onnx"] = Path("model.onnx")

@@ -13,7 +13,7 @@ import onnx
 import tvm
 from tvm import tirx
 
-from passes.lowering._dispatch import dispatch_vnni_matmuls, target_has_vnni
+from passes.lowering._dispatch import Dispatched, dispatch_int8_matmuls
 from passes.lowering._errors import LoweringError, last_line
 from passes.lowering._relax import TensorSpec, import_onnx
 from passes.lowering._schedule import (
@@ -22,6 +22,7 @@ from passes.lowering._schedule import (
     schedule,
     with_work_group_limit,
 )
+from passes.lowering._w8a16 import dispatch_w8a16_matmuls, wants_w8a16
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ class LoweredModel:
     """A model lowered for one target: the scheduled module plus what a check or a build needs.
 
     `reference_kernels` are the same PrimFuncs before scheduling (legalized and fused only); they
-    compile for the host CPU, so a GPU kernel can be compared with them on this machine.
+    compile for the host CPU, so a GPU kernel can be compared with them on this machine (a dispatched
+    INT8 kernel's reference is its family's unscheduled compute definition). `dispatched` says which
+    int8 matmuls went to which kernel family (`_dispatch`): {family: Dispatched(matmuls, kernels)}.
     """
 
     module: tvm.IRModule
@@ -45,6 +48,8 @@ class LoweredModel:
     qlinear_matmuls_decomposed: int = 0
     int8_matmuls: int = 0
     seconds: Mapping[str, float] = field(default_factory=dict)
+    dispatched: Mapping[str, Dispatched] = field(default_factory=dict)
+    tuned_kernels: tuple[str, ...] = ()
 
     @property
     def kernels(self) -> dict[str, tirx.PrimFunc]:
@@ -52,24 +57,32 @@ class LoweredModel:
         return prim_funcs(self.module)
 
 
-def lower(model: onnx.ModelProto, target: Any) -> LoweredModel:
+def lower(model: onnx.ModelProto, target: Any, tuning: Any = None) -> LoweredModel:
     """Import `model` (all input shapes static) into Relax, keep int8 matmuls int8, legalize, fuse and
-    schedule for `target` (a `passes.targets.TargetDescription`). Raises `LoweringError`."""
+    schedule for `target` (a `passes.targets.TargetDescription`). Kernels with a record in `tuning` (a
+    MetaSchedule database, e.g. a `passes tune` session's) take its best schedule. Raises `LoweringError`."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     imported = import_onnx(model)
     seconds["import"] = time.perf_counter() - started
     tvm_target = _tvm_target(target)
     module = imported.module
-    if target.backend == "llvm" and target_has_vnni(tvm_target):
-        module, _ = dispatch_vnni_matmuls(module)
+    dispatch = dispatch_int8_matmuls(module, target, tvm_target)
+    if wants_w8a16(target):
+        dispatch = dispatch_w8a16_matmuls(dispatch, target)
+    module = dispatch.module
     started = time.perf_counter()
     try:
         fused = legalize_and_fuse(module, tvm_target)
     except Exception as err:  # TVM raises its own error types from C++
         raise LoweringError(f"legalizing the model for target {target.name!r} failed: {last_line(err)}") from err
     seconds["legalize"] = time.perf_counter() - started
-    references = MappingProxyType(prim_funcs(fused))
+    references = MappingProxyType({name: dispatch.references.get(name, func) for name, func in prim_funcs(fused).items()})
+    tuned: list[str] = []
+    if tuning is not None:
+        from passes.tuning._apply import apply_tuning
+
+        fused, tuned = apply_tuning(fused, references, tuning, tvm_target)
     started = time.perf_counter()
     try:
         scheduled = schedule(fused, target, tvm_target)
@@ -81,7 +94,7 @@ def lower(model: onnx.ModelProto, target: Any) -> LoweredModel:
     logger.info("lowered for %s: %d kernels, %d int8 matmuls", target.name, len(references), imported.int8_matmuls)
     return LoweredModel(scheduled, references, target.name, target.backend, target.device, tvm_target,
                         imported.inputs, imported.outputs, imported.qlinear_matmuls_decomposed,
-                        imported.int8_matmuls, MappingProxyType(seconds))
+                        imported.int8_matmuls, MappingProxyType(seconds), dispatch.dispatched, tuple(tuned))
 
 
 def _tvm_target(target: Any) -> tvm.target.Target:

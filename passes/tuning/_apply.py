@@ -1,0 +1,42 @@
+"""Put a session's best schedules into a lowered module (what `passes run --tuning DIR` builds).
+
+For every TIR function of the module, its workload (`_tasks.workload_of`: the fused function itself, or
+the unscheduled compute of a dispatched INT8 kernel) is looked up in the database by structure; the best
+record's trace, replayed on the workload, replaces the function, marked scheduled so the target's default
+schedules leave it alone. Functions with no record keep their default schedule. This is
+MetaScheduleApplyDatabase's lookup, with the workload of our own kernels known to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import tvm
+from tvm import tirx
+
+from passes.lowering._schedule import SCHEDULED_ATTR
+from passes.tuning._tasks import workload_of
+
+
+def apply_tuning(module: tvm.IRModule, kernels: Mapping[str, tirx.PrimFunc], database: Any,
+                 tvm_target: tvm.target.Target) -> tuple[tvm.IRModule, list[str]]:
+    """(module with tuned kernels, names of the kernels replaced). `kernels` are the module's TIR
+    functions before scheduling; `module` itself is left as it was."""
+    updated = tvm.IRModule(dict(module.functions_items()), attrs=module.attrs)
+    applied = []
+    for gvar, func in module.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        found = workload_of(gvar.name_hint, kernels.get(gvar.name_hint, func))
+        if found is None:
+            continue
+        tuned = database.query_ir_module(found[0], tvm_target, "main")
+        if tuned is None:
+            continue
+        replacement = tuned["main"].without_attr("global_symbol").with_attr(SCHEDULED_ATTR, True)
+        if func.attrs is not None and "op_pattern" in func.attrs:
+            replacement = replacement.with_attr("op_pattern", func.attrs["op_pattern"])
+        updated[gvar] = replacement
+        applied.append(gvar.name_hint)
+    return updated, sorted(applied)

@@ -1,0 +1,129 @@
+"""`passes tune` sessions on the host: records, resume without re-measuring, budgets, applying records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from passes.tuning import TuningError, load_session, tune
+from passes.tuning._database import RECORD_FILE, WORKLOAD_FILE, SessionDatabase, candidate_key
+from passes.tuning._session import _check_session_dir, allocate  # noqa: F401
+from passes.tuning._tasks import TuningTask
+from tests.tuning.conftest import needs_vnni, quick_options
+
+
+def _task(weight: float) -> TuningTask:
+    import tvm
+
+    return TuningTask("t", tvm.IRModule(), "metaschedule", 1, weight)
+
+
+@given(st.lists(st.floats(1.0, 1e9), min_size=1, max_size=12), st.integers(0, 500), st.data())
+def test_allocate_spends_the_budget_exactly_and_never_negative(weights, trials, data):
+    done = data.draw(st.lists(st.integers(0, 300), min_size=len(weights), max_size=len(weights)))
+    budgets = allocate([_task(w) for w in weights], done, trials)
+    assert sum(budgets) == trials
+    assert min(budgets) >= 0
+
+
+def test_allocate_follows_flops_and_tops_up_tasks_behind():
+    tasks = [_task(3.0), _task(1.0)]
+    assert allocate(tasks, [0, 0], 40) == [30, 10]
+    # the first task already has its share of 80 trials: the next 40 go to the second
+    assert allocate(tasks, [60, 0], 20) == [0, 20]
+
+
+def _unique_candidates(folder: Path) -> tuple[int, int]:
+    from passes.tuning._database import _replay
+
+    database = SessionDatabase(folder)
+    keys = [candidate_key(_replay(record)) for record in database._records]
+    return len(keys), len(set(keys))
+
+
+@needs_vnni
+def test_a_session_records_resumes_and_never_measures_a_candidate_twice(small_model, tmp_path):
+    session = tmp_path / "session"
+    first = tune(small_model, "host", session, quick_options(8))
+    assert first.trials_new == 8
+    assert {task.space for task in first.tasks} == {"x86-vnni"}
+    assert (session / WORKLOAD_FILE).is_file() and (session / RECORD_FILE).is_file()
+    records_after_first = len(load_session(session))
+    # every task has its untuned schedule stored, and at least one tuned record where it got trials
+    assert all(task.untuned_s and task.tuned_s for task in first.tasks)
+    assert all(task.tuned_s <= task.untuned_s for task in first.tasks)  # the best includes the default
+
+    second = tune(small_model, "host", session, quick_options(8))
+    assert second.trials_new == 8
+    assert sum(task.trials_before for task in second.tasks) == records_after_first
+    assert len(load_session(session)) == records_after_first + 8  # baselines are not measured again
+    total, unique = _unique_candidates(session)
+    assert total == unique, "a candidate was measured twice"
+    report = json.loads((session / "report.json").read_text())
+    assert report["trials_new"] == 8 and report["measured_again"] == 0
+
+
+@needs_vnni
+def test_run_with_tuning_applies_the_records_and_stays_bit_exact(small_model, tmp_path):
+    from passes.run import run_for_target
+
+    session = tmp_path / "session"
+    tune(small_model, "host", session, quick_options(4))
+    report = run_for_target(small_model, "host", tmp_path / "out", tuning=session)
+    assert report.tuning is not None
+    assert report.tuning["kernels_tuned"] >= 1
+    assert all(name.startswith("vnni_gemm") for name in report.tuning["tuned"])
+    assert report.host_check is not None and report.host_check["ok"]
+    worst = max(output["max_abs_error"] for output in report.host_check["outputs"])
+    assert worst == 0.0  # int8 x int8 -> int32 then the same float epilogue: bit-exact with onnxruntime
+
+
+def test_run_with_a_folder_that_is_no_session_fails_with_one_line(small_model, tmp_path):
+    from passes.run import run_for_target
+
+    with pytest.raises(TuningError, match="is not a tuning session"):
+        run_for_target(small_model, "host", tmp_path / "out", tuning=tmp_path)
+    assert not (tmp_path / "out" / "host").exists()
+
+
+def test_a_gpu_target_without_a_device_is_refused_naming_both_fixes(small_model, tmp_path):
+    with pytest.raises(TuningError) as refused:
+        tune(small_model, "sd8gen2", tmp_path / "s", quick_options(4))
+    message = str(refused.value)
+    assert "--tracker HOST:PORT --key KEY" in message
+    assert "on a machine that has the device" in message
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_unreadable_database_is_a_tuning_error(tmp_path):
+    (tmp_path / WORKLOAD_FILE).write_text("not json\n")
+    (tmp_path / RECORD_FILE).write_text("")
+    with pytest.raises(TuningError, match="does not load"):
+        SessionDatabase(tmp_path)
+
+
+@needs_vnni
+def test_every_point_of_the_vnni_design_space_is_bit_exact():
+    import tvm
+    from tvm import s_tir
+
+    from passes.kernels import x86_vnni
+    from passes.kernels._gemm import GemmShape, shifted_gemm
+
+    rng = np.random.default_rng(7)
+    for m, k, n, seed in ((1, 36, 80, 1), (5, 64, 48, 2), (16, 20, 128, 3)):
+        tiles = x86_vnni.default_tiles(m)
+        workload = tvm.IRModule({"main": shifted_gemm(GemmShape(m, k, n, tiles.rows, tiles.cols))})
+        a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        packed = x86_vnni.pack_weights(b, cols=tiles.cols)
+        for space in x86_vnni.design_space(s_tir.Schedule(workload, seed=seed)):
+            kernel = tvm.compile(space.mod, target=x86_vnni.host_target())
+            out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+            kernel(*(tvm.runtime.tensor(x) for x in (a, packed.data, packed.correction)), out)
+            np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ b.astype(np.int32))

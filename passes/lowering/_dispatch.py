@@ -32,6 +32,7 @@ from tvm import relax, tirx
 
 from passes.kernels._gemm import SHIFT
 from passes.lowering._errors import LoweringError, last_line
+from passes.lowering._matmul_rewrite import constant, dtype_of, rewrite_matmuls, static_shape
 from passes.lowering._schedule import SCHEDULED_ATTR
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,11 @@ class Dispatch:
         return sum(entry.matmuls for entry in self.dispatched.values())
 
 
+def kernel_families(dispatched: Mapping[str, Dispatched]) -> dict[str, str]:
+    """{kernel name: its family} of what a dispatch took (`Dispatch.dispatched`, `LoweredModel.dispatched`)."""
+    return {kernel: family for family, entry in dispatched.items() for kernel in entry.kernels}
+
+
 def dispatch_int8_matmuls(module: tvm.IRModule, target: Any, tvm_target: tvm.target.Target) -> Dispatch:
     """Dispatch the int8 matmuls of `module` to the kernel family `target` gets (none: unchanged)."""
     from passes.lowering._dispatch_families import choose_family
@@ -124,29 +130,11 @@ def dispatch_int8_matmuls(module: tvm.IRModule, target: Any, tvm_target: tvm.tar
 def dispatch_to(module: tvm.IRModule, family: KernelFamily) -> Dispatch:
     """Replace each dispatchable int8 matmul of every Relax function by a call of `family`'s kernel.
     `module` is left as it was."""
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    pattern = is_op("relax.matmul")(wildcard(), wildcard())
-    builder = relax.BlockBuilder(tvm.IRModule(dict(module.functions_items()), attrs=module.attrs))
     kernels: dict[tuple[int, int, int], tuple[tvm.ir.GlobalVar, KernelPlan]] = {}
-    count = 0
-    for gvar, func in module.functions_items():
-        if not isinstance(func, relax.Function):
-            continue
-        bindings = relax.analysis.get_var2val(func)
-
-        def dispatch(call: relax.Call, _: object, bindings: dict = bindings) -> relax.Expr:
-            nonlocal count
-            replacement = _dispatched(call, bindings, builder, kernels, family)
-            if replacement is None:
-                return call
-            count += 1
-            return replacement
-
-        builder.update_func(gvar, rewrite_call(pattern, dispatch, func))
+    updated, count = rewrite_matmuls(
+        module, lambda call, bindings, builder: _dispatched(call, bindings, builder, kernels, family))
     if not count:
         return Dispatch(module)
-    updated = relax.transform.DeadCodeElimination()(builder.get())
     names = tuple(sorted(plan.name for _, plan in kernels.values()))
     logger.info("dispatched %d int8 matmuls to %d %s kernels", count, len(names), family.name)
     references = {plan.name: plan.reference for _, plan in kernels.values()}
@@ -158,8 +146,8 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder,
                 family: KernelFamily) -> relax.Expr | None:
     if call.attrs is None or str(call.attrs.out_dtype) != "int32" or len(call.args) != 2:
         return None
-    activation, weight = call.args[0], _constant(call.args[1], bindings)
-    shape, dtype = _static_shape(activation), _dtype(activation)
+    activation, weight = call.args[0], constant(call.args[1], bindings)
+    shape, dtype = static_shape(activation), dtype_of(activation)
     if weight is None or shape is None or len(shape) < 2 or dtype not in ("int8", "uint8"):
         return None
     if weight.dtype != np.int8 or weight.ndim != 2 or weight.shape[0] != shape[-1]:
@@ -169,7 +157,7 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder,
         return None  # empty tensors: nothing for a kernel to do
     if (rows, depth, cols) not in kernels:
         plan = family.kernel(rows, depth, cols)
-        kernels[(rows, depth, cols)] = (builder.add_func(_marked(plan.scheduled), plan.name), plan)
+        kernels[(rows, depth, cols)] = (builder.add_func(marked(plan.scheduled), plan.name), plan)
     kernel = kernels[(rows, depth, cols)][0]
     flat = activation if len(shape) == 2 else relax.op.reshape(activation, (rows, depth))
     signed = _to_int8(flat) if dtype == "uint8" else flat
@@ -191,26 +179,8 @@ def _to_int8(activation: relax.Expr) -> relax.Expr:
     return relax.op.astype(relax.op.subtract(widened, relax.const(np.int32(SHIFT))), "int8")
 
 
-def _marked(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def marked(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """`func` without its global symbol, marked scheduled and opaque to fusion."""
     if func.attrs is not None and "global_symbol" in func.attrs:
         func = func.without_attr("global_symbol")
     return func.with_attrs({SCHEDULED_ATTR: True, "op_pattern": OPAQUE})
-
-
-def _constant(expr: relax.Expr, bindings: dict) -> np.ndarray | None:
-    while isinstance(expr, relax.Var) and expr in bindings:
-        expr = bindings[expr]
-    return expr.value.numpy() if isinstance(expr, tvm.ir.Constant) else None
-
-
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    if shape is None or not all(isinstance(dim, tirx.IntImm) for dim in shape):
-        return None
-    return tuple(int(dim) for dim in shape)
-
-
-def _dtype(expr: relax.Expr) -> str | None:
-    dtype = getattr(expr.ty, "dtype", None)
-    return str(dtype) if dtype is not None else None

@@ -19,6 +19,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from passes.lowering._matmul_rewrite import dtype_of, resolve, rewrite_matmuls
+
 _NARROW_DTYPES = frozenset({"int8", "uint8"})
 
 
@@ -32,28 +34,7 @@ class _Operand:
 
 def narrow_int8_matmuls(module: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """Rewrite the widened 8-bit matmuls of every Relax function; returns (module, count)."""
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    pattern = is_op("relax.matmul")(wildcard(), wildcard())
-    updated = tvm.IRModule(dict(module.functions_items()), attrs=module.attrs)
-    count = 0
-    for gvar, func in module.functions_items():
-        if not isinstance(func, relax.Function):
-            continue
-        bindings = relax.analysis.get_var2val(func)
-
-        def narrow(call: relax.Call, _: object, bindings: dict = bindings) -> relax.Expr:
-            nonlocal count
-            replacement = _narrowed(call, bindings)
-            if replacement is None:
-                return call
-            count += 1
-            return replacement
-
-        updated[gvar] = rewrite_call(pattern, narrow, func)
-    if count:
-        updated = relax.transform.DeadCodeElimination()(updated)
-    return updated, count
+    return rewrite_matmuls(module, lambda call, bindings, _: _narrowed(call, bindings))
 
 
 def _narrowed(call: relax.Call, bindings: dict) -> relax.Expr | None:
@@ -86,13 +67,13 @@ def _narrowed(call: relax.Call, bindings: dict) -> relax.Expr | None:
 
 def _operand(expr: relax.Expr, bindings: dict) -> _Operand | None:
     """`astype<int32>(x8)` or `astype<int32>(x8) - zero_point` (a constant, zeros dropped), else None."""
-    expr = _resolve(expr, bindings)
+    expr = resolve(expr, bindings)
     widened = _widened_8bit(expr, bindings)
     if widened is not None:
         return _Operand(widened, None)
     if not _is_call(expr, "relax.subtract"):
         return None
-    widened = _widened_8bit(_resolve(expr.args[0], bindings), bindings)
+    widened = _widened_8bit(resolve(expr.args[0], bindings), bindings)
     zero_point = _constant_int(expr.args[1], bindings)
     if widened is None or zero_point is None:
         return None
@@ -104,12 +85,12 @@ def _widened_8bit(expr: relax.Expr, bindings: dict) -> relax.Expr | None:
     if not _is_call(expr, "relax.astype") or str(expr.attrs.dtype) != "int32":
         return None
     inner = expr.args[0]
-    return inner if _dtype(inner) in _NARROW_DTYPES else None
+    return inner if dtype_of(inner) in _NARROW_DTYPES else None
 
 
 def _constant_int(expr: relax.Expr, bindings: dict) -> np.ndarray | None:
     """The integer value (with its broadcast shape) of a constant behind astype / expand_dims calls."""
-    expr = _resolve(expr, bindings)
+    expr = resolve(expr, bindings)
     if _is_call(expr, "relax.astype"):
         return _constant_int(expr.args[0], bindings)
     if _is_call(expr, "relax.expand_dims"):
@@ -121,19 +102,8 @@ def _constant_int(expr: relax.Expr, bindings: dict) -> np.ndarray | None:
     return None
 
 
-def _resolve(expr: relax.Expr, bindings: dict) -> relax.Expr:
-    while isinstance(expr, relax.Var) and expr in bindings:
-        expr = bindings[expr]
-    return expr
-
-
 def _is_call(expr: relax.Expr, op_name: str) -> bool:
     return isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == op_name
-
-
-def _dtype(expr: relax.Expr) -> str | None:
-    dtype = getattr(expr.ty, "dtype", None)
-    return str(dtype) if dtype is not None else None
 
 
 def _rank(expr: relax.Expr) -> int:

@@ -13,6 +13,7 @@ TVM 0.27 exposes no TIR visitor to Python; `walk` follows the FFI reflection fie
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,21 @@ def walk(node: Any) -> Iterator[Any]:
         seen.add(handle)
         yield current
         stack.extend(reversed([getattr(current, name) for name in _field_names(type(current)) if name != "span"]))
+
+
+def call_counts(module: tvm.IRModule) -> Counter[str]:
+    """How many `call_tir`s of the module's Relax functions call each TIR function, by name."""
+    from tvm import relax
+
+    counts: Counter[str] = Counter()
+    for func in module.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for node in walk(func.body):
+            if (isinstance(node, relax.Call) and getattr(node.op, "name", "") == "relax.call_tir"
+                    and isinstance(node.args[0], tvm.ir.GlobalVar)):
+                counts[node.args[0].name_hint] += 1
+    return counts
 
 
 def _field_names(cls: type, cache: dict[type, tuple[str, ...]] = {}) -> tuple[str, ...]:  # noqa: B006 (memo)

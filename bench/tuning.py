@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _default_workload(task: Any) -> Any:
-    """TVM's plain int8 matmul of the same sizes as a dispatched VNNI kernel."""
-    import re
-
+    """TVM's plain int8 matmul of the same sizes as a dispatched VNNI kernel (A[M, K], C[M, N])."""
     import tvm
     from tvm import te
+    from tvm.s_tir import meta_schedule as ms
 
-    m, k, n = (int(v) for v in re.match(r"vnni_gemm_m(\d+)_k(\d+)_n(\d+)", task.name).groups())
+    a_info, *_, c_info = ms.arg_info.ArgInfo.from_prim_func(task.workload["main"])
+    (m, k), n = (int(d) for d in a_info.shape), int(c_info.shape[1])
     a = te.placeholder((m, k), "uint8", name="A")
     b = te.placeholder((k, n), "int8", name="B")
     r = te.reduce_axis((0, k), name="r")
@@ -67,10 +67,9 @@ def _converge(space_task: Any, args: argparse.Namespace, tvm_target: Any, measur
 
 def _repeats(folder: Path) -> int:
     """Records of a session minus distinct candidates: measurements repeated (0 when resume works)."""
-    from passes.tuning._database import SessionDatabase, _replay, candidate_key
+    from passes.tuning._database import SessionDatabase
 
-    records = SessionDatabase(folder)._records
-    return len(records) - len({candidate_key(_replay(record)) for record in records})
+    return SessionDatabase(folder).repeated_measurements()
 
 
 def _trials_to(curve: list[tuple[int, float]], goal: float) -> int | None:
@@ -88,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
+    import onnx
+    from passes.targets import load_target
+
     from passes.lowering import lower
+    from passes.lowering._dispatch import kernel_families
     from passes.run import prepare_model
     from passes.samples import build_sample
-    from passes.targets import load_target
     from passes.tuning import Measurement, TuneOptions
     from passes.tuning._session import _measurer, tuning_target
     from passes.tuning._tasks import TuningTask, extract_tasks
-
-    import onnx
 
     target = load_target("host")
     rows: list[dict[str, Any]] = []
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path = Path(scratch) / "tiny-llama.onnx"
         onnx.save_model(build_sample("tiny-llama"), str(model_path))
         lowered = lower(prepare_model(model_path, target).model, target)
-        tasks = [t for t in extract_tasks(lowered.module, lowered.reference_kernels) if t.int8]
+        tasks = [t for t in extract_tasks(lowered.module, lowered.reference_kernels, kernel_families(lowered.dispatched)) if t.int8]
         tvm_target = tuning_target(lowered.tvm_target, target, None)
         options = TuneOptions(builders=max(1, args.threads // 2), measurement=Measurement())
         measure = _measurer(target, tvm_target, options)

@@ -259,7 +259,7 @@ def _gemv_body(p: _Params, m: int, k: int, n: int, t: GemvTiles) -> object:
 
     vec = _x_vector(k, t.vector)
     wide = f"float32x{vec}" if vec > 1 else "float32"
-    steps, unroll = packed_shape(k, n, t)[1] // t.tile_k, t.unroll
+    steps = packed_shape(k, n, t)[1] // t.tile_k
     lanes, groups, cols = t.lanes, t.groups, t.cols
     blocks, per_step = round_up(n, t.tile_n) // t.tile_n, lanes * vec
     reducer, y = _sum_reducer(), p.y

@@ -7,8 +7,8 @@ shows the traceback instead. `verify` exits 1 when the models differ beyond tole
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path

@@ -46,7 +46,7 @@ class BuiltModel:
     @property
     def runs_here(self) -> bool:
         """True when the target is this machine's CPU (an llvm target for this architecture and OS)."""
-        return self.lowered.backend == "llvm" and _is_this_machine(self.lowered.tvm_target)
+        return self.lowered.backend == "llvm" and is_this_machine(self.lowered.tvm_target)
 
     def device_source(self) -> str:
         """The whole source of the GPU device module ('' for CPU targets)."""
@@ -148,7 +148,7 @@ def _feed(spec: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
     return value
 
 
-def _is_this_machine(tvm_target: tvm.target.Target) -> bool:
+def is_this_machine(tvm_target: tvm.target.Target) -> bool:
     system = tvm.target.codegen.llvm_get_system_triple()
     triple = str(tvm_target.attrs.get("mtriple", "") or system)
     return triple.split("-")[0] == system.split("-")[0] and ("linux" in triple) == ("linux" in system)

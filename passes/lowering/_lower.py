@@ -13,7 +13,7 @@ import onnx
 import tvm
 from tvm import tirx
 
-from passes.lowering._dispatch import Dispatched, dispatch_int8_matmuls
+from passes.lowering._dispatch import Dispatched, dispatch_int8_matmuls, kernel_families
 from passes.lowering._errors import LoweringError, last_line
 from passes.lowering._relax import TensorSpec, import_onnx
 from passes.lowering._schedule import (
@@ -82,7 +82,7 @@ def lower(model: onnx.ModelProto, target: Any, tuning: Any = None) -> LoweredMod
     if tuning is not None:
         from passes.tuning._apply import apply_tuning
 
-        fused, tuned = apply_tuning(fused, references, tuning, tvm_target)
+        fused, tuned = apply_tuning(fused, references, kernel_families(dispatch.dispatched), tuning, tvm_target)
     started = time.perf_counter()
     try:
         scheduled = schedule(fused, target, tvm_target)

@@ -19,16 +19,17 @@ from passes.lowering._schedule import SCHEDULED_ATTR
 from passes.tuning._tasks import workload_of
 
 
-def apply_tuning(module: tvm.IRModule, kernels: Mapping[str, tirx.PrimFunc], database: Any,
-                 tvm_target: tvm.target.Target) -> tuple[tvm.IRModule, list[str]]:
+def apply_tuning(module: tvm.IRModule, kernels: Mapping[str, tirx.PrimFunc], families: Mapping[str, str],
+                 database: Any, tvm_target: tvm.target.Target) -> tuple[tvm.IRModule, list[str]]:
     """(module with tuned kernels, names of the kernels replaced). `kernels` are the module's TIR
-    functions before scheduling; `module` itself is left as it was."""
+    functions before scheduling, `families` the family of each dispatched one; `module` itself is left
+    as it was."""
     updated = tvm.IRModule(dict(module.functions_items()), attrs=module.attrs)
     applied = []
     for gvar, func in module.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        found = workload_of(gvar.name_hint, kernels.get(gvar.name_hint, func))
+        found = workload_of(kernels.get(gvar.name_hint, func), families.get(gvar.name_hint))
         if found is None:
             continue
         tuned = database.query_ir_module(found[0], tvm_target, "main")

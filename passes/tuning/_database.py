@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import tvm
@@ -42,6 +43,7 @@ class SessionDatabase:
         self._workloads: list[ms.database.Workload] = []
         self._records: list[ms.database.TuningRecord] = []
         self._measured: dict[int, list[float]] = {}
+        self._recorded: Counter[int] = Counter()
         self._load()
 
     def __len__(self) -> int:
@@ -75,10 +77,16 @@ class SessionDatabase:
         return self._measured.get(candidate_key(scheduled))
 
     def commit(self, record: ms.database.TuningRecord, scheduled: tvm.IRModule) -> None:
+        key = candidate_key(scheduled)
         self.memory.commit_tuning_record(record)
         self._records.append(record)
+        self._recorded[key] += 1
         if record.run_secs is not None:
-            self._measured[candidate_key(scheduled)] = [float(s) for s in record.run_secs]
+            self._measured[key] = [float(s) for s in record.run_secs]
+
+    def repeated_measurements(self) -> int:
+        """Records of a candidate that was recorded before (0: nothing was measured twice)."""
+        return sum(count - 1 for count in self._recorded.values())
 
     def best(self, mod: tvm.IRModule) -> ms.database.TuningRecord | None:
         if not self.memory.has_workload(mod):

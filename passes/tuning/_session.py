@@ -25,6 +25,7 @@ from typing import Any
 
 import tvm
 
+from passes.lowering._dispatch import kernel_families
 from passes.lowering._errors import LoweringError, last_line
 from passes.tuning import _measure
 from passes.tuning._database import SessionDatabase
@@ -106,29 +107,32 @@ def tune(model_path: str | os.PathLike[str], target_spec: str | os.PathLike[str]
     if options.trials < 0:
         raise TuningError(f"--trials must be >= 0, got {options.trials}")
     target = load_target(target_spec)
-    measured_on = _where(target, options.tracker)
+    servers = _measure.count_servers(options.tracker) if options.tracker is not None else 0
+    measured_on = _where(target, options.tracker, servers)
     folder = Path(session_dir)
     _check_session_dir(folder, Path(model_path))
     database = SessionDatabase(folder)
+    repeated_before = database.repeated_measurements()
     started = time.perf_counter()
     prepared = prepare_model(model_path, target, input_shapes=input_shapes, quantize=quantize,  # type: ignore[arg-type]
                              calibration=calibration)
     lowered = lower(prepared.model, target)
-    tasks = [t for t in extract_tasks(lowered.module, lowered.reference_kernels) if t.int8 or not options.int8_only]
+    tasks = [t for t in extract_tasks(lowered.module, lowered.reference_kernels, kernel_families(lowered.dispatched))
+             if t.int8 or not options.int8_only]
     if not tasks:
         raise TuningError(f"{model_path} has no kernel to tune for {target.name}")
     states = [TaskState(task, 0, before=len(database.records(task.workload))) for task in tasks]
     for state, budget in zip(states, allocate(tasks, [s.before for s in states], options.trials)):
         state.budget = budget
     tvm_target = tuning_target(lowered.tvm_target, target, options.tracker)
-    measure = _measurer(target, tvm_target, options)
+    measure = _measurer(target, tvm_target, options, servers)
     session = _Session.load(folder)
     _measure_baselines(states, lowered, measure, session, database, tvm_target)
     if on_start:
         on_start(states)
     _search_all(states, tvm_target, database, measure, options, on_progress or (lambda _: None))
     report = _report(target.name, str(model_path), folder, measured_on, states, database, session,
-                     time.perf_counter() - started)
+                     database.repeated_measurements() - repeated_before, time.perf_counter() - started)
     if options.model_latency and options.tracker is None:
         report.model_latency = _model_latency(prepared.model, target, database)
     _write_json(folder / REPORT_FILE, report.to_dict())
@@ -160,14 +164,13 @@ def tuning_target(tvm_target: tvm.target.Target, target: Any, tracker: Tracker |
     return tvm.target.Target(config)
 
 
-def _where(target: Any, tracker: Tracker | None) -> str:
+def _where(target: Any, tracker: Tracker | None, servers: int) -> str:
     """Where candidates are measured; refuses targets with nothing to measure them on."""
     if tracker is not None:
-        servers = _measure.count_servers(tracker)
         return f"TVM RPC tracker {tracker}, {servers} device(s)"
-    from passes.lowering._build import _is_this_machine
+    from passes.lowering._build import is_this_machine
 
-    if target.backend == "llvm" and _is_this_machine(target.tvm_target()):
+    if target.backend == "llvm" and is_this_machine(target.tvm_target()):
         return "this machine"
     kind = (f"a GPU target ({target.backend})" if target.device == "gpu"
             else f"a CPU of another architecture ({target.tvm_target().attrs.get('mtriple', '?')})")
@@ -177,12 +180,14 @@ def _where(target: Any, tracker: Tracker | None) -> str:
     )
 
 
-def _measurer(target: Any, tvm_target: tvm.target.Target, options: TuneOptions) -> Callable[[list[Any]], list[Any]]:
-    """measure(candidates) -> runner results: build with the session's builder, run locally or over RPC."""
+def _measurer(target: Any, tvm_target: tvm.target.Target, options: TuneOptions,
+              servers: int = 0) -> Callable[[list[Any]], list[Any]]:
+    """measure(candidates) -> runner results: build with the session's builder, run locally or over RPC
+    (on up to `servers` devices at a time)."""
     from tvm.s_tir import meta_schedule as ms
 
     builder = _measure.builder(options.builders)
-    runner = (_measure.rpc_runner(options.tracker, options.measurement, options.builders * 2)
+    runner = (_measure.rpc_runner(options.tracker, options.measurement, min(options.builders * 2, servers))
               if options.tracker is not None else _measure.local_runner(options.measurement))
     device = "cpu" if target.device == "cpu" else target.backend
 
@@ -272,12 +277,12 @@ def _time_model(built: Any, feeds: Mapping[str, Any]) -> float:
 
 
 def _report(target: str, model: str, folder: Path, measured_on: str, states: list[TaskState],
-            database: SessionDatabase, session: _Session, seconds: float) -> TuneReport:
+            database: SessionDatabase, session: _Session, measured_again: int, seconds: float) -> TuneReport:
     total = sum(s.task.weight for s in states) or 1.0
     rows = [TaskReport(s.task.name, s.task.space, s.task.calls, s.task.flops, s.task.weight / total, s.before, s.new,
                        s.reused, s.errors, session.baseline(s.task), _best(database, s.task)) for s in states]
     return TuneReport(target, model, str(folder), measured_on, sum(s.new for s in states),
-                      0, len(database), seconds, rows)
+                      measured_again, len(database), seconds, rows)
 
 
 def _best(database: SessionDatabase, task: TuningTask) -> float | None:

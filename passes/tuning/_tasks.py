@@ -4,30 +4,28 @@
 
 Kernels that `passes.lowering` dispatched to a hand-written INT8 kernel are tuned over that kernel's own
 design space in `passes.kernels` (x86 VNNI: `x86_vnni.design_space`), keyed by the kernel's unscheduled
-compute; every other kernel is tuned over MetaSchedule's default space for the target, keyed by the
+compute (its reference in `LoweredModel.reference_kernels`); dispatched kernels of families with no
+design space yet are left as they are; every other kernel is tuned over MetaSchedule's default space for the target, keyed by the
 fused TIR function itself. Keys are structural, so a database tuned on one model serves every model with
 the same kernel shapes. Tasks come INT8 kernels first, then by weight.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import tvm
 import tvm_ffi
-from tvm import relax, tirx
+from tvm import tirx
 
 from passes.kernels import x86_vnni
-from passes.kernels._gemm import GemmShape, shifted_gemm
 from passes.lowering._schedule import SCHEDULED_ATTR
+from passes.lowering._tir import call_counts
 
 #: the design space of a task: "x86-vnni" (kernels/x86_vnni.py) or "metaschedule" (its default space)
 KERNEL_SPACES = ("x86-vnni",)
-_VNNI_NAME = re.compile(r"^vnni_gemm_m(\d+)_k(\d+)_n(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -55,35 +53,35 @@ def default_schedule(task: TuningTask) -> Any:
     leaves it (no schedule; its root block is annotated `passes.untuned`, because MetaSchedule's
     databases ignore records with an empty trace)."""
     from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
 
     func = task.workload["main"]
     if task.space == "x86-vnni":
-        rows = int(_VNNI_NAME.match(task.name).group(1))  # type: ignore[union-attr]
+        rows = int(ms.arg_info.ArgInfo.from_prim_func(func)[0].shape[0])  # A[M, K]
         return x86_vnni.schedule_gemm(func, x86_vnni.default_tiles(rows))
     sch = s_tir.Schedule(task.workload)
     sch.annotate(sch.get_sblock("root"), "passes.untuned", 1)
     return sch
 
 
-def workload_of(name: str, func: tirx.PrimFunc) -> tuple[tvm.IRModule, str] | None:
-    """(workload module, space) of one kernel of a lowered module; None for kernels nothing can tune."""
-    match = _VNNI_NAME.match(name)
-    if match is not None:
-        m, k, n = (int(value) for value in match.groups())
-        tiles = x86_vnni.default_tiles(m)
-        return _as_workload(shifted_gemm(GemmShape(m, k, n, tiles.rows, tiles.cols))), "x86-vnni"
-    if func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False):
-        return None  # scheduled by hand elsewhere, no unscheduled form to search from
+def workload_of(func: tirx.PrimFunc, family: str | None) -> tuple[tvm.IRModule, str] | None:
+    """(workload module, space) of one kernel of a lowered module, given its unscheduled form and the
+    kernel family it was dispatched to (None: not dispatched); None for kernels nothing can tune."""
+    if family in KERNEL_SPACES:
+        return _as_workload(func), family
+    if family is not None or (func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False)):
+        return None  # scheduled by hand, with no design space to search
     return _as_workload(func), "metaschedule"
 
 
-def extract_tasks(module: tvm.IRModule, kernels: Mapping[str, tirx.PrimFunc]) -> list[TuningTask]:
+def extract_tasks(module: tvm.IRModule, kernels: Mapping[str, tirx.PrimFunc],
+                  families: Mapping[str, str]) -> list[TuningTask]:
     """The tasks of `module` (a lowered Relax module); `kernels` are its unscheduled TIR functions by
-    name (`LoweredModel.reference_kernels`)."""
-    calls = _call_counts(module)
+    name (`LoweredModel.reference_kernels`), `families` the family of each dispatched kernel."""
+    calls = call_counts(module)
     tasks: dict[int, TuningTask] = {}
     for name in sorted(kernels):
-        found = workload_of(name, kernels[name])
+        found = workload_of(kernels[name], families.get(name))
         if found is None or not calls.get(name):
             continue
         workload, space = found
@@ -108,21 +106,3 @@ def _flops(workload: tvm.IRModule) -> float:
         return max(float(estimate_tir_flops(workload)), 1.0)
     except Exception:  # TVM cannot count some loop nests (e.g. data-dependent extents): weigh them as 1
         return 1.0
-
-
-def _call_counts(module: tvm.IRModule) -> Counter[str]:
-    """How many times each TIR function is called by the module's Relax functions."""
-    counts: Counter[str] = Counter()
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-
-    @relax.expr_functor.visitor
-    class _Calls(relax.PyExprVisitor):
-        def visit_call_(self, call: relax.Call) -> None:
-            if call.op.same_as(call_tir) and isinstance(call.args[0], tvm.ir.GlobalVar):
-                counts[call.args[0].name_hint] += 1
-            super().visit_call_(call)
-
-    for _, func in module.functions_items():
-        if isinstance(func, relax.Function):
-            _Calls().visit_expr(func)
-    return counts

@@ -280,7 +280,7 @@ def _host_check(built: Any, optimized: onnx.ModelProto, shapes: Mapping[str, Seq
     if not comparison.ok:
         worst = max(comparison.outputs, key=lambda o: o.max_abs_error)
         raise VerificationError(
-            f"the host build differs from onnxruntime: output '{worst.name}' max abs error "
+            f"the host build differs from the reference (onnxruntime, integer ops exact): output '{worst.name}' max abs error "
             f"{worst.max_abs_error:.3g} (rtol={HOST_RTOL:g}, atol={HOST_ATOL:g})"
         )
     return comparison.to_dict()

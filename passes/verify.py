@@ -1,8 +1,11 @@
 """Numeric comparison of two models on the same seeded inputs.
 
 onnxruntime is the oracle (with its own graph optimisations off, so its fusions cannot hide or add a
-difference); ops it lacks fall back to `onnx.reference`. Used by `passes verify`, by the pass
-manager's numeric instrument, and by `passes.testing.assert_equivalent`.
+difference); ops it lacks fall back to `onnx.reference`. Integer matmuls are first rewritten into the
+exact reference's form (`passes.exact`): onnxruntime's own u8 x s8 kernels saturate on x86 CPUs
+without VNNI, so they are never what judges a quantized model. Used by `passes verify`, by the pass
+manager's numeric instrument, by the accuracy report and calibration, by `passes run`'s host check,
+and by `passes.testing.assert_equivalent`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import onnx
 from onnx import helper
 
 from passes.errors import VerificationError
+from passes.exact import IntegerOpError, exact_integer_model, needs_reference_evaluator
 from passes.io import PROTOBUF_LIMIT, save_model
 
 logger = logging.getLogger(__name__)
@@ -148,13 +152,22 @@ def _index_bound(model: onnx.ModelProto, name: str) -> int:
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs of `model` on `feeds`: onnxruntime without its graph optimisations, else onnx.reference.
 
-    A model over protobuf's 2 GB limit is handed to onnxruntime as a file with external data."""
+    Integer matmuls are evaluated exactly on every CPU (`passes.exact`); a model with ConvInteger or
+    QLinearConv runs under onnx.reference. A model over protobuf's 2 GB limit is handed to onnxruntime
+    as a file with external data."""
     import onnxruntime as ort
 
+    names = [o.name for o in model.graph.output]
+    if needs_reference_evaluator(model):
+        logger.info("the model holds ConvInteger or QLinearConv; using onnx.reference (exact int32)")
+        return _run_reference(model, feeds, names)
+    try:
+        model = exact_integer_model(model)
+    except IntegerOpError as err:
+        raise VerificationError(str(err)) from err
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    names = [o.name for o in model.graph.output]
     with tempfile.TemporaryDirectory(prefix="passes-verify-") as folder:
         if model.ByteSize() >= PROTOBUF_LIMIT:
             source: str | bytes = str(save_model(model, Path(folder) / "model.onnx", external_data=True))

@@ -7,7 +7,8 @@
 
 Runs after `_int8`'s rewrite, before legalization. Which family of kernels a target gets is data: its
 backend and its CPU features (`_dispatch_families.choose_family`): x86 llvm with AVX512-VNNI ->
-`x86-vnni`; aarch64 llvm with i8mm -> `arm-smmla`, with dotprod -> `arm-sdot`; OpenCL -> `opencl-int8`
+`x86-vnni`, with AVX-VNNI -> `x86-avxvnni`, with AVX2 -> `x86-avx2` (all exact; none emits the saturating
+`vpmaddubsw`); aarch64 llvm with i8mm -> `arm-smmla`, with dotprod -> `arm-sdot`; OpenCL -> `opencl-int8`
 (GEMV for M' = 1, GEMM otherwise). A matmul is dispatched when its activation is int8 or uint8 with a
 static shape of rank >= 2 and its weight is a 2-D int8 constant [K, N]; the weight is packed for the
 kernel at lower time. Each kernel (already scheduled, marked `tirx.is_scheduled`, opaque to fusion via

@@ -1,16 +1,19 @@
 """The INT8 kernel families `_dispatch` sends int8 matmuls to, and which one a target gets.
 
     x86-vnni    x86 llvm with AVX512-VNNI   vnni_gemm_m{M}_k{K}_n{N}(A_s8, W[Np/16, Kp/4, 16, 4], corr[Np])
+    x86-avxvnni x86 llvm with AVX-VNNI      avxvnni_gemm_m{M}_k{K}_n{N}(A_s8, W[Np/8, Kp/4, 8, 4], corr[Np])
+    x86-avx2    x86 llvm with AVX2          avx2_gemm_m{M}_k{K}_n{N}(A_s8, W[Np/8, Kp/2, 8, 2])
     arm-smmla   aarch64 llvm with i8mm      arm_smmla_gemm_m{M}_k{K}_n{N}(A_s8, W[Np/2, Kp/8, 2, 8])
     arm-sdot    aarch64 llvm with dotprod   arm_sdot_gemm_m{M}_k{K}_n{N}(A_s8, W[Np/4, Kp/4, 4, 4])
     opencl-int8 OpenCL (Adreno, Mali)       opencl_int8_gem{m,v}_m{M}_k{K}_n{N}(A_s8[M, Kp], W[Kp/4, N, 4])
 
-x86-vnni multiplies u8 x s8 and undoes its own +128 shift with `corr` = 128 * colsum(W); for an
-activation that was uint8 (shifted to int8 by `_dispatch`) `corr` is zero, so the kernel multiplies
-the uint8 values themselves. The ARM and OpenCL kernels are s8 x s8: `_dispatch` adds 128 * colsum(W)
-to their result when the activation was uint8. The OpenCL kernel reads A zero padded to Kp: its tile_k
+x86-vnni and x86-avxvnni multiply u8 x s8 and undo their own +128 shift with `corr` = 128 * colsum(W);
+for an activation that was uint8 (shifted to int8 by `_dispatch`) `corr` is zero, so the kernel
+multiplies the uint8 values themselves. x86-avx2, the ARM and the OpenCL kernels are s8 x s8:
+`_dispatch` adds 128 * colsum(W) to their result when the activation was uint8. An x86 CPU without
+AVX2 gets no family: its int8 matmuls stay Relax matmuls, which TVM legalizes to exact int32 loops. The OpenCL kernel reads A zero padded to Kp: its tile_k
 is fitted to K (`opencl_int8.fit_tile_k`), so A is padded (a concat of zeros) only when K % 4 != 0.
-Tiles: x86 the kernel's defaults; ARM and OpenCL the target description's `schedule.gemm` / `gemv`.
+Tiles: x86 the kernels' defaults (`x86_int8.default_tiles`); ARM and OpenCL the target description's `schedule.gemm` / `gemv`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from passes.kernels import arm_int8, opencl_int8, x86_vnni
-from passes.kernels._gemm import GemmShape, shifted_gemm
+from passes.kernels import arm_int8, opencl_int8, x86_int8
 from passes.lowering._dispatch import Int8Matmul, KernelFamily, KernelPlan, uint8_correction
 from passes.lowering._schedule import max_threads
 
@@ -34,20 +36,23 @@ def choose_family(target: Any, tvm_target: tvm.target.Target) -> KernelFamily | 
         return OpenclFamily(target, max_threads(tvm_target))
     if target.backend != "llvm" or tvm_target.kind.name != "llvm":
         return None
-    if target_has_vnni(tvm_target):
-        return VnniFamily()
+    if _is_x86(tvm_target):
+        isa = x86_int8.best_isa(tvm_target)
+        return X86Family(isa) if isa is not None else None
     if _is_aarch64(tvm_target) and (arm_int8.has_i8mm(tvm_target) or arm_int8.has_dotprod(tvm_target)):
         return ArmFamily(target, arm_int8.pick_instruction(tvm_target))
     return None
 
 
-def target_has_vnni(tvm_target: tvm.target.Target) -> bool:
-    """Whether `tvm_target` is an x86 llvm target whose CPU has AVX512-VNNI."""
-    if tvm_target.kind.name != "llvm":
-        return False
-    if not _triple(tvm_target).startswith(("x86_64", "i686", "i386")):
-        return False
-    return x86_vnni.has_vnni(tvm_target)
+def x86_isa(tvm_target: tvm.target.Target) -> x86_int8.X86Isa | None:
+    """The x86 int8 ISA `tvm_target` gets (None: not an x86 llvm target, or a CPU without AVX2)."""
+    if tvm_target.kind.name != "llvm" or not _is_x86(tvm_target):
+        return None
+    return x86_int8.best_isa(tvm_target)
+
+
+def _is_x86(tvm_target: tvm.target.Target) -> bool:
+    return _triple(tvm_target).startswith(("x86_64", "i686", "i386"))
 
 
 def _triple(tvm_target: tvm.target.Target) -> str:
@@ -59,21 +64,30 @@ def _is_aarch64(tvm_target: tvm.target.Target) -> bool:
 
 
 @dataclass(frozen=True)
-class VnniFamily:
-    """x86 AVX512-VNNI GEMM (`passes.kernels.x86_vnni`), default tiles."""
+class X86Family:
+    """x86 GEMM over one dot-product ISA (`passes.kernels.x86_int8`: AVX512-VNNI, AVX-VNNI or AVX2),
+    default tiles."""
 
-    name: str = "x86-vnni"
+    isa: x86_int8.X86Isa
+
+    @property
+    def name(self) -> str:
+        return self.isa.family
 
     def kernel(self, rows: int, depth: int, cols: int) -> KernelPlan:
-        tiles = x86_vnni.default_tiles(rows)
-        reference = shifted_gemm(GemmShape(rows, depth, cols, tiles.rows, tiles.cols))
-        scheduled = x86_vnni.schedule_gemm(reference, tiles).mod["main"]
-        return KernelPlan(f"vnni_gemm_m{rows}_k{depth}_n{cols}", scheduled, reference)
+        tiles = x86_int8.default_tiles(self.isa, rows)
+        reference = self.isa.gemm_func(self.isa.shape(rows, depth, cols, tiles))
+        scheduled = x86_int8.schedule_gemm(self.isa, reference, tiles).mod["main"]
+        prefix = self.isa.family.removeprefix("x86-")
+        return KernelPlan(f"{prefix}_gemm_m{rows}_k{depth}_n{cols}", scheduled, reference)
 
     def operands(self, matmul: Int8Matmul) -> tuple[list[relax.Expr], np.ndarray | None]:
-        packed = x86_vnni.pack_weights(matmul.weight, cols=x86_vnni.default_tiles(matmul.rows).cols)
+        packed = x86_int8.pack_weights(self.isa, matmul.weight, x86_int8.default_tiles(self.isa, matmul.rows).cols)
+        weights = [relax.const(packed.data)]
+        if packed.correction is None:  # s8 x s8: a uint8 activation was shifted by _dispatch
+            return [matmul.activation, *weights], uint8_correction(matmul.weight) if matmul.unsigned else None
         correction = np.zeros_like(packed.correction) if matmul.unsigned else packed.correction
-        return [matmul.activation, relax.const(packed.data), relax.const(correction)], None
+        return [matmul.activation, *weights, relax.const(correction)], None
 
 
 @dataclass(frozen=True)

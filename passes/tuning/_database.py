@@ -139,9 +139,11 @@ class SessionDatabase:
 
 def register_intrinsics() -> None:
     """Register the tensor intrinsics of passes.kernels that tuning traces can name."""
-    from passes.kernels import arm_int8, x86_vnni
+    from passes.kernels import arm_int8, x86_int8
+    from passes.kernels._x86_intrinsics import register_intrinsic
 
-    x86_vnni.register_intrinsic()
+    for isa in x86_int8.ISAS:
+        register_intrinsic(isa)
     arm_int8.register_intrinsics()
 
 

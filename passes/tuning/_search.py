@@ -18,9 +18,9 @@ from typing import Any
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from passes.kernels import x86_vnni
+from passes.kernels import x86_int8
 from passes.tuning._database import SessionDatabase
-from passes.tuning._tasks import TuningTask
+from passes.tuning._tasks import KERNEL_SPACES, TuningTask
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,9 @@ class TaskState:
 
 
 def space_generator(task: TuningTask) -> Any:
-    if task.space == "x86-vnni":
+    if task.space in KERNEL_SPACES:
         return ms.space_generator.ScheduleFn(
-            x86_vnni.design_space, sch_rules=[], postprocs=[],
+            x86_int8.design_space(x86_int8.isa_named(task.space)), sch_rules=[], postprocs=[],
             mutator_probs={ms.mutator.MutateTileSize(): 1.0},
         )
     return "post-order-apply"

@@ -3,7 +3,7 @@
     weight(task) = flops(one call) x calls in the model      share = weight / sum of weights
 
 Kernels that `passes.lowering` dispatched to a hand-written INT8 kernel are tuned over that kernel's own
-design space in `passes.kernels` (x86 VNNI: `x86_vnni.design_space`), keyed by the kernel's unscheduled
+design space in `passes.kernels` (x86: `x86_int8.design_space` of the kernel's ISA), keyed by the kernel's unscheduled
 compute (its reference in `LoweredModel.reference_kernels`); dispatched kernels of families with no
 design space yet are left as they are; every other kernel is tuned over MetaSchedule's default space for the target, keyed by the
 fused TIR function itself. Keys are structural, so a database tuned on one model serves every model with
@@ -20,12 +20,12 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-from passes.kernels import x86_vnni
+from passes.kernels import x86_int8
 from passes.lowering._schedule import SCHEDULED_ATTR
 from passes.lowering._tir import call_counts
 
-#: the design space of a task: "x86-vnni" (kernels/x86_vnni.py) or "metaschedule" (its default space)
-KERNEL_SPACES = ("x86-vnni",)
+#: the design space of a task: an x86 int8 family (kernels/x86_int8.py) or "metaschedule" (its default space)
+KERNEL_SPACES = tuple(isa.family for isa in x86_int8.ISAS)
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,10 @@ def default_schedule(task: TuningTask) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
     func = task.workload["main"]
-    if task.space == "x86-vnni":
+    if task.space in KERNEL_SPACES:
+        isa = x86_int8.isa_named(task.space)
         rows = int(ms.arg_info.ArgInfo.from_prim_func(func)[0].shape[0])  # A[M, K]
-        return x86_vnni.schedule_gemm(func, x86_vnni.default_tiles(rows))
+        return x86_int8.schedule_gemm(isa, func, x86_int8.default_tiles(isa, rows))
     sch = s_tir.Schedule(task.workload)
     sch.annotate(sch.get_sblock("root"), "passes.untuned", 1)
     return sch

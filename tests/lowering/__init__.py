@@ -54,14 +54,48 @@ def sample_feeds(seed: int = 0) -> dict[str, np.ndarray]:
     return {"input_ids": rng.integers(0, 256, SAMPLE_SHAPE).astype(np.int64)}
 
 
-def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The exact reference (`passes.verify.run_model`): onnxruntime with integer matmuls widened, so
+    nothing saturates on a CPU without VNNI."""
+    from passes.verify import run_model
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(None, feeds)))
+    return run_model(model, feeds)
+
+
+def qlinear_matmul_spec(a: np.ndarray, a_scale: float, a_zero: int, b: np.ndarray, b_scale: np.ndarray | float,
+                        b_zero: np.ndarray | int, y_scale: float, y_zero: int, y_dtype: type) -> np.ndarray:
+    """QLinearMatMul as the ONNX spec and MLAS define it, in numpy: the int64 accumulator (exact),
+    requantized by the float32 multiplier `a_scale * b_scale / y_scale`, rounded half to even, saturated."""
+    accumulator = (a.astype(np.int64) - np.int64(a_zero)) @ (b.astype(np.int64) - np.asarray(b_zero, np.int64))
+    multiplier = (np.float32(a_scale) * np.asarray(b_scale, np.float32)) / np.float32(y_scale)
+    scaled = np.rint(accumulator.astype(np.float32) * multiplier) + np.float32(y_zero)
+    info = np.iinfo(y_dtype)
+    return np.clip(scaled, info.min, info.max).astype(y_dtype)
+
+
+def qlinear_spec_of(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """`qlinear_matmul_spec` of a `qlinear_matmul_model` on `feeds` (its scales from feeds or initializers)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer} | feeds
+    node = model.graph.node[0]
+    a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero = (values[name] for name in node.input)
+    return qlinear_matmul_spec(a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero, y_zero.dtype.type)
+
+
+@cache
+def x86_target(mcpu: str):  # -> passes.targets.TargetDescription
+    """The host target description with LLVM CPU `mcpu` instead of this machine's: x86 code for a CPU
+    with fewer (or other) features than this one, e.g. `znver3` (AVX2, no AVX-512) on a Zen 4."""
+    import tempfile
+    from pathlib import Path
+
+    from passes.targets import load_target
+
+    source = (Path(__file__).resolve().parents[2] / "targets" / "host.toml").read_text()
+    assert 'mcpu = "detect"' in source
+    folder = Path(tempfile.mkdtemp(prefix="passes-x86-target-"))
+    path = folder / f"x86-{mcpu}.toml"
+    path.write_text(source.replace('mcpu = "detect"', f'mtriple = "x86_64-unknown-linux-gnu", mcpu = "{mcpu}"'))
+    return load_target(path)
 
 
 def onnx_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],

@@ -15,7 +15,7 @@ from tests.lowering import (
     HOST_RTOL,
     built_sample,
     lowered_sample,
-    run_onnxruntime,
+    run_reference,
     sample_feeds,
     sample_model,
     target,
@@ -34,7 +34,7 @@ def test_numerics_host_build_matches_onnxruntime() -> None:
     for seed in range(3):
         feeds = sample_feeds(seed)
         got = run_host(built_sample("host"), feeds)
-        expected = run_onnxruntime(sample_model(), feeds)
+        expected = run_reference(sample_model(), feeds)
         assert list(got) == ["logits"]
         assert got["logits"].shape == (1, 16, 256) and got["logits"].dtype == np.float32
         np.testing.assert_allclose(got["logits"], expected["logits"], rtol=HOST_RTOL, atol=HOST_ATOL)

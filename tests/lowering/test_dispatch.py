@@ -1,11 +1,16 @@
-"""int8 matmuls of a lowered model run on the x86 AVX512-VNNI kernel for host targets whose CPU has it:
-the quantized sample and single MatMulInteger models are bit-exact with onnxruntime, the built module
-holds the kernels (`vnni_gemm_*` PrimFuncs, `vpdpbusd` in the host assembly), and without VNNI (or for
-another architecture) the old path stays."""
+"""int8 matmuls of a lowered model run on the x86 INT8 kernels, whichever x86-64 CPU builds them.
+
+Every family is built here from a target whose LLVM CPU has it (`x86_target(mcpu)`): AVX512-VNNI
+(znver4), AVX-VNNI (alderlake), AVX2 only (znver3), and baseline x86-64 (no family: Relax matmuls,
+legalized to exact int32 loops). The assembly of each is checked on any machine; a build runs only
+where this CPU has the family's feature (else the test is skipped, naming it). Outputs are compared bit
+for bit with the exact reference (`passes.verify.run_model`: integer matmuls widened, never onnxruntime's
+saturating u8 x s8 kernels) on int8/uint8 feeds over their whole range."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -19,10 +24,11 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.lowering import (
     onnx_model,
     random_int8,
-    run_onnxruntime,
+    run_reference,
     sample_feeds,
     sample_model,
     target,
+    x86_target,
 )
 
 pytestmark = pytest.mark.slow
@@ -30,13 +36,29 @@ pytestmark = pytest.mark.slow
 S8, U8 = TensorProto.INT8, TensorProto.UINT8
 
 
-def _host_has_vnni() -> bool:
-    from passes.kernels.x86_vnni import has_vnni
+#: (LLVM CPU, the family its int8 matmuls get, kernel name prefix, the instruction its assembly must show)
+X86_CPUS = [
+    ("znver4", "x86-vnni", "vnni_gemm_", r"\tvpdpbusd\t[^\n]*%zmm"),
+    ("alderlake", "x86-avxvnni", "avxvnni_gemm_", r"\{vex\}\tvpdpbusd\t[^\n]*%ymm"),
+    ("znver3", "x86-avx2", "avx2_gemm_", r"\tvpmaddwd\t[^\n]*%ymm"),
+    ("x86-64", None, None, None),
+]
+X86_IDS = [cpu for cpu, *_ in X86_CPUS]
 
-    return has_vnni(target("host").tvm_target())
+
+def runs_here(family: str | None) -> bool:
+    """Whether this CPU can execute code built for `family` (None: baseline x86-64, always)."""
+    from passes.kernels import x86_int8
+
+    return family is None or x86_int8.has_feature(x86_int8.isa_named(family))
 
 
-needs_vnni = pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX512-VNNI to run the kernel on")
+def skip_unless_runs_here(family: str | None) -> None:
+    if not runs_here(family):
+        from passes.kernels import x86_int8
+
+        pytest.skip(f"this CPU has no {x86_int8.isa_named(family).feature} to run {family} kernels on "
+                    f"(built and checked, not executed)")
 
 
 @cache
@@ -47,23 +69,24 @@ def quantized_sample() -> onnx.ModelProto:
     return QuantizeInt8(scheme="w8a8-static")(sample_model()).model
 
 
-def _lower_and_build(made: onnx.ModelProto):  # -> BuiltModel
+def _lower_and_build(made: onnx.ModelProto, description: Any = None):  # -> BuiltModel
     from passes.lowering import build, lower
 
-    return build(lower(made, target("host")), target("host"))
+    description = description or target("host")
+    return build(lower(made, description), description)
 
 
 def _assert_bit_exact(built, made: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
     from passes.lowering import run_host
 
     got = run_host(built, feeds)
-    for name, value in run_onnxruntime(made, feeds).items():
+    for name, value in run_reference(made, feeds).items():
         assert got[name].dtype == value.dtype and got[name].shape == value.shape
         np.testing.assert_array_equal(got[name], value)
 
 
-def _vnni_kernels(built) -> list[str]:
-    return sorted(name for name in built.lowered.kernels if name.startswith("vnni_gemm_"))
+def _x86_kernels(built) -> list[str]:
+    return sorted(name for name in built.lowered.kernels if "_gemm_m" in name)
 
 
 def _host_assembly(built) -> str:
@@ -101,79 +124,91 @@ def _feeds(made: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
             for value in made.graph.input}
 
 
-@needs_vnni
-def test_quantized_sample_runs_vnni_kernels_bit_exact_with_onnxruntime() -> None:
-    """Static W8A8 tiny-llama (1, 16): every int8 matmul dispatched, int32 math exact, so logits equal ORT's."""
-    from passes.lowering._dispatch import dispatch_to
-    from passes.lowering._dispatch_families import VnniFamily
-    from passes.lowering._relax import import_onnx
-
+@pytest.mark.parametrize(("mcpu", "family", "prefix", "instruction"), X86_CPUS, ids=X86_IDS)
+def test_quantized_sample_dispatch_on_every_x86_cpu(mcpu: str, family: str | None, prefix: str | None,
+                                                     instruction: str | None) -> None:
+    """Static W8A8 tiny-llama (1, 16): every int8 matmul goes to the CPU's family, the assembly shows its
+    instruction and never the saturating `vpmaddubsw`; where this CPU runs it, int32 math is exact, so
+    logits equal the exact reference's."""
     made = quantized_sample()
     assert sum(node.op_type == "MatMulInteger" for node in made.graph.node) == 9
-    imported = import_onnx(made)
-    assert imported.int8_matmuls == dispatch_to(imported.module, VnniFamily()).matmuls == 9
-    built = _lower_and_build(made)
-    assert built.lowered.dispatched["x86-vnni"].matmuls == 9
-    assert list(built.lowered.dispatched["x86-vnni"].kernels) == _vnni_kernels(built)
-    assert _vnni_kernels(built) == ["vnni_gemm_m16_k176_n64", "vnni_gemm_m16_k64_n192", "vnni_gemm_m16_k64_n256",
-                                    "vnni_gemm_m16_k64_n352", "vnni_gemm_m16_k64_n64"]
-    assert all(built.lowered.kernels[name].attrs["tirx.is_scheduled"] for name in _vnni_kernels(built))
-    assert "vpdpbusd" in _host_assembly(built)
+    built = _lower_and_build(made, x86_target(mcpu))
+    assembly = _host_assembly(built)
+    assert "vpmaddubsw" not in assembly
+    if family is None:
+        assert _x86_kernels(built) == [] and dict(built.lowered.dispatched) == {}
+        assert built.lowered.int8_matmuls == 9
+    else:
+        assert built.lowered.dispatched[family].matmuls == 9
+        assert list(built.lowered.dispatched[family].kernels) == _x86_kernels(built)
+        assert _x86_kernels(built) == [f"{prefix}m16_k176_n64", f"{prefix}m16_k64_n192", f"{prefix}m16_k64_n256",
+                                       f"{prefix}m16_k64_n352", f"{prefix}m16_k64_n64"]
+        assert all(built.lowered.kernels[name].attrs["tirx.is_scheduled"] for name in _x86_kernels(built))
+        assert re.search(instruction, assembly)
+    skip_unless_runs_here(family)
     for seed in range(2):
         _assert_bit_exact(built, made, sample_feeds(seed))
 
 
-def test_without_vnni_the_int8_matmuls_stay_relax_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
-    from passes.kernels import x86_vnni
+def test_only_x86_llvm_targets_get_x86_families() -> None:
+    from passes.kernels import x86_int8
+    from passes.lowering._dispatch_families import x86_isa
 
-    monkeypatch.setattr(x86_vnni, "has_vnni", lambda target=None: False)
-    built = _lower_and_build(quantized_sample())
-    assert _vnni_kernels(built) == [] and dict(built.lowered.dispatched) == {}
-    assert built.lowered.int8_matmuls == 9
-    _assert_bit_exact(built, quantized_sample(), sample_feeds(0))
-
-
-def test_only_x86_llvm_targets_with_vnni_dispatch() -> None:
-    from passes.lowering._dispatch_families import target_has_vnni
-
-    assert not target_has_vnni(target("sd8gen2:cpu").tvm_target())  # aarch64 llvm
-    assert not target_has_vnni(target("sd8gen2").tvm_target())  # opencl
-    assert target_has_vnni(target("host").tvm_target()) == _host_has_vnni()
+    assert x86_isa(target("sd8gen2:cpu").tvm_target()) is None  # aarch64 llvm
+    assert x86_isa(target("sd8gen2").tvm_target()) is None  # opencl
+    assert x86_isa(target("host").tvm_target()) == x86_int8.best_isa()
+    assert [x86_isa(x86_target(cpu).tvm_target()) for cpu in X86_IDS] == [
+        x86_int8.VNNI, x86_int8.AVX_VNNI, x86_int8.AVX2, None]
 
 
-@needs_vnni
+@pytest.mark.parametrize("mcpu", X86_IDS)
 @pytest.mark.parametrize(("a_shape", "n", "a_type", "a_zero"), [
     ((1, 16, 64), 192, S8, None),  # the sample's shape, signed activations
-    ((1, 1, 5), 3, S8, None),  # decode M = 1; K not a multiple of 4, N below one 16-lane vector
+    ((1, 1, 5), 3, S8, None),  # decode M = 1; K not a multiple of 4, N below one vector
     ((2, 3, 7, 33), 70, U8, 131),  # rank 4 flattened to M = 42; odd sizes; zero point
     ((9, 20), 17, U8, None),  # rank-2 activation, M not a multiple of the 4-row tile
 ])
-def test_matmul_integer_dispatches_bit_exact(a_shape: tuple[int, ...], n: int, a_type: int,
+def test_matmul_integer_dispatches_bit_exact(mcpu: str, a_shape: tuple[int, ...], n: int, a_type: int,
                                              a_zero: int | None) -> None:
-    """int32 results over the whole int8 / uint8 range equal onnxruntime's bit for bit."""
+    """int32 results over the whole int8 / uint8 range equal the exact reference's bit for bit."""
+    _, family, prefix, _ = X86_CPUS[X86_IDS.index(mcpu)]
+    skip_unless_runs_here(family)
     made = matmul_integer_model(a_shape, n, a_type, a_zero=a_zero)
-    built = _lower_and_build(made)
+    built = _lower_and_build(made, x86_target(mcpu))
     m, k = int(np.prod(a_shape[:-1])), a_shape[-1]
-    assert _vnni_kernels(built) == [f"vnni_gemm_m{m}_k{k}_n{n}"]
+    assert _x86_kernels(built) == ([f"{prefix}m{m}_k{k}_n{n}"] if family else [])
     _assert_bit_exact(built, made, _feeds(made))
 
 
-@needs_vnni
+@pytest.mark.parametrize("mcpu", ["znver3", "x86-64"])
+def test_saturating_products_are_exact(mcpu: str) -> None:
+    """u8 255 x s8 -128 everywhere: each pair of products is -65280, past int16 (what `vpmaddubsw`
+    would clamp to -32768); the build must give 255 * -128 * K exactly."""
+    made = matmul_integer_model((1, 8, 512), 64, U8)
+    weight = np.full((512, 64), -128, np.int8)
+    made.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "w"))
+    feeds = {"a": np.full((1, 8, 512), 255, np.uint8)}
+    from passes.lowering import run_host
+
+    got = run_host(_lower_and_build(made, x86_target(mcpu)), feeds)["y"]
+    np.testing.assert_array_equal(got, np.full((1, 8, 64), 255 * -128 * 512, np.int32))
+    np.testing.assert_array_equal(run_reference(made, feeds)["y"], got)
+
+
 @pytest.mark.parametrize(("w_type", "constant_weight"), [(U8, True), (S8, False)],
                          ids=["uint8-weight", "weight-is-an-input"])
 def test_matmuls_the_kernel_cannot_take_stay_relax_matmuls(w_type: int, constant_weight: bool) -> None:
     made = matmul_integer_model((1, 8, 12), 20, S8, w_type=w_type, constant_weight=constant_weight)
     built = _lower_and_build(made)
-    assert _vnni_kernels(built) == [] and built.lowered.int8_matmuls == 1
+    assert _x86_kernels(built) == [] and built.lowered.int8_matmuls == 1
     _assert_bit_exact(built, made, _feeds(made))
-
 
 
 @dataclass(frozen=True)
 class OnHost:
     """A kernel family whose kernels are its references (unscheduled compute definitions): the dispatch
     rewrite (flattening, uint8 shift, padding, weight packing, correction) with kernels that build and
-    run on this CPU, so a dispatched model can be compared with onnxruntime end to end."""
+    run on this CPU, so a dispatched model can be compared with the exact reference end to end."""
 
     inner: Any
 
@@ -197,8 +232,8 @@ def lower_on_host_with(family: Any, made: onnx.ModelProto, monkeypatch: pytest.M
     return _lower_and_build(made)
 
 
-def assert_bit_exact_with_onnxruntime(built, made: onnx.ModelProto, seeds: range = range(1)) -> None:
-    """Every output of the host build equals onnxruntime's bit for bit, for int8/uint8 feeds drawn over
+def assert_bit_exact_with_reference(built, made: onnx.ModelProto, seeds: range = range(1)) -> None:
+    """Every output of the host build equals the exact reference's bit for bit, for int8/uint8 feeds drawn over
     their whole range (the sample's token ids from `sample_feeds`)."""
     for seed in seeds:
         feeds = sample_feeds(seed) if made.graph.input[0].name == "input_ids" else _feeds(made, seed)

@@ -31,7 +31,7 @@ from onnx import TensorProto
 from tests.kernels.test_arm_int8 import _run_under_qemu, driver, needs_qemu  # noqa: F401 (driver: a fixture)
 from tests.lowering import target
 from tests.lowering.test_dispatch import (
-    assert_bit_exact_with_onnxruntime,
+    assert_bit_exact_with_reference,
     lower_on_host_with,
     matmul_integer_model,
     quantized_sample,
@@ -159,7 +159,7 @@ def test_the_dispatch_rewrite_equals_onnxruntime_on_the_host(name: str, case: st
     made = _CASES[case]()
     built = lower_on_host_with(_family(name), made, monkeypatch)
     assert built.lowered.dispatched[_family(name).name].matmuls == 1
-    assert_bit_exact_with_onnxruntime(built, made, range(2))
+    assert_bit_exact_with_reference(built, made, range(2))
 
 
 def test_tiles_come_from_the_target_rounded_to_the_instruction() -> None:

@@ -1,5 +1,5 @@
 """int8 matmuls stay int8: MatMulInteger (and decomposed QLinearMatMul) import as
-`matmul(a8, w8, out_dtype=int32)` plus zero-point corrections, bit-exact against onnxruntime on the host."""
+`matmul(a8, w8, out_dtype=int32)` plus zero-point corrections, bit-exact against the exact reference (`passes.verify.run_model`) on the host."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.lowering import (
     onnx_model,
     qlinear_matmul_model,
     random_int8,
-    run_onnxruntime,
+    run_reference,
     target,
 )
 
@@ -43,14 +43,14 @@ def matmul_integer_model(m: int, k: int, n: int, a_type: int, b_type: int, *, a_
     return onnx_model([node], inputs, [helper.make_tensor_value_info("y", TensorProto.INT32, [1, m, n])], inits)
 
 
-def _host_matches_onnxruntime(made: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
-    """Lower + build for the host, run, compare bit for bit with onnxruntime; returns int8 matmuls kept."""
+def _host_matches_reference(made: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
+    """Lower + build for the host, run, compare bit for bit with the exact reference; returns int8 matmuls kept."""
     from passes.lowering import build, lower, run_host
 
     host = target("host")
     lowered = lower(made, host)
     got = run_host(build(lowered, host), feeds)
-    expected = run_onnxruntime(made, feeds)
+    expected = run_reference(made, feeds)
     for name, value in expected.items():
         assert got[name].dtype == value.dtype
         np.testing.assert_array_equal(got[name], value)
@@ -102,7 +102,7 @@ def test_numerics_matmul_integer_bit_exact_on_the_host(case: str) -> None:
     if options.get("zero_as_input"):
         feeds["a_zero"] = np.array(options["a_zero"]).astype(INT8_TYPES[options["a_type"]])
         feeds["b_zero"] = np.array(options["b_zero"]).astype(INT8_TYPES[options["b_type"]])
-    assert _host_matches_onnxruntime(made, feeds) == narrowed
+    assert _host_matches_reference(made, feeds) == narrowed
 
 
 QLINEAR_CASES = {
@@ -118,4 +118,4 @@ QLINEAR_CASES = {
 @pytest.mark.parametrize("case", list(QLINEAR_CASES), ids=list(QLINEAR_CASES))
 def test_numerics_qlinear_matmul_bit_exact_on_the_host(case: str) -> None:
     made = qlinear_matmul_model(6, 40, 9, **QLINEAR_CASES[case])
-    assert _host_matches_onnxruntime(made, _a_feed(made)) == 1
+    assert _host_matches_reference(made, _a_feed(made)) == 1

@@ -15,7 +15,7 @@ import pytest
 
 from passes.tuning import Tracker, load_session, tune
 from passes.tuning._database import RECORD_FILE, WORKLOAD_FILE, register_intrinsics
-from tests.tuning.conftest import needs_vnni, quick_options
+from tests.tuning.conftest import HOST_ISA, needs_x86_int8, quick_options
 
 CLI = [sys.executable, "-m", "passes.cli"]
 
@@ -32,7 +32,7 @@ def _loads_everywhere(session: Path) -> int:
     return len(ours)
 
 
-@needs_vnni
+@needs_x86_int8
 def test_sigkill_at_any_moment_leaves_a_database_that_loads_and_resumes(small_model, tmp_path):
     session = tmp_path / "session"
     command = [*CLI, "tune", str(small_model), "-t", "host", "-s", str(session), "-n", "400", "--batch", "2",
@@ -77,7 +77,7 @@ def _wait_for_servers(tracker: Tracker, count: int, timeout: float = 60.0) -> No
         time.sleep(0.5)
 
 
-@needs_vnni
+@needs_x86_int8
 def test_tuning_through_an_rpc_tracker_on_loopback_uses_every_server(small_model, tmp_path):
     port = _free_port()
     tracker = Tracker("127.0.0.1", port, "passes-test")

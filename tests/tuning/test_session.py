@@ -13,7 +13,7 @@ from passes.tuning import TuningError, load_session, tune
 from passes.tuning._database import RECORD_FILE, WORKLOAD_FILE, SessionDatabase
 from passes.tuning._session import allocate
 from passes.tuning._tasks import TuningTask
-from tests.tuning.conftest import needs_vnni, quick_options
+from tests.tuning.conftest import HOST_ISA, needs_x86_int8, quick_options
 
 
 def _task(weight: float) -> TuningTask:
@@ -37,12 +37,12 @@ def test_allocate_follows_flops_and_tops_up_tasks_behind():
     assert allocate(tasks, [60, 0], 20) == [0, 20]
 
 
-@needs_vnni
+@needs_x86_int8
 def test_a_session_records_resumes_and_never_measures_a_candidate_twice(small_model, tmp_path):
     session = tmp_path / "session"
     first = tune(small_model, "host", session, quick_options(8))
     assert first.trials_new == 8
-    assert {task.space for task in first.tasks} == {"x86-vnni"}
+    assert {task.space for task in first.tasks} == {HOST_ISA.family}
     assert (session / WORKLOAD_FILE).is_file() and (session / RECORD_FILE).is_file()
     records_after_first = len(load_session(session))
     # every task has its untuned schedule stored, and at least one tuned record where it got trials
@@ -58,7 +58,7 @@ def test_a_session_records_resumes_and_never_measures_a_candidate_twice(small_mo
     assert report["trials_new"] == 8 and report["measured_again"] == 0
 
 
-@needs_vnni
+@needs_x86_int8
 def test_run_with_tuning_applies_the_records_and_stays_bit_exact(small_model, tmp_path):
     from passes.run import run_for_target
 
@@ -67,7 +67,7 @@ def test_run_with_tuning_applies_the_records_and_stays_bit_exact(small_model, tm
     report = run_for_target(small_model, "host", tmp_path / "out", tuning=session)
     assert report.tuning is not None
     assert report.tuning["kernels_tuned"] >= 1
-    assert all(name.startswith("vnni_gemm") for name in report.tuning["tuned"])
+    assert all(name.startswith(HOST_ISA.family.removeprefix("x86-") + "_gemm") for name in report.tuning["tuned"])
     assert report.host_check is not None and report.host_check["ok"]
     worst = max(output["max_abs_error"] for output in report.host_check["outputs"])
     assert worst == 0.0  # int8 x int8 -> int32 then the same float epilogue: bit-exact with onnxruntime
@@ -97,22 +97,24 @@ def test_an_unreadable_database_is_a_tuning_error(tmp_path):
         SessionDatabase(tmp_path)
 
 
-@needs_vnni
-def test_every_point_of_the_vnni_design_space_is_bit_exact():
+@pytest.mark.parametrize("family", ["x86-vnni", "x86-avxvnni", "x86-avx2"])
+def test_every_point_of_each_x86_design_space_is_bit_exact(family: str):
     import tvm
-    from passes.kernels import x86_vnni
-    from passes.kernels._gemm import GemmShape, shifted_gemm
+    from passes.kernels import x86_int8
     from tvm import s_tir
 
+    isa = x86_int8.isa_named(family)
+    if not x86_int8.has_feature(isa):
+        pytest.skip(f"this CPU has no {isa.feature} to run the {family} design space on")
     rng = np.random.default_rng(7)
     for m, k, n, seed in ((1, 36, 80, 1), (5, 64, 48, 2), (16, 20, 128, 3)):
-        tiles = x86_vnni.default_tiles(m)
-        workload = tvm.IRModule({"main": shifted_gemm(GemmShape(m, k, n, tiles.rows, tiles.cols))})
+        tiles = x86_int8.default_tiles(isa, m)
+        workload = tvm.IRModule({"main": isa.gemm_func(isa.shape(m, k, n, tiles))})
         a = rng.integers(-128, 128, (m, k), dtype=np.int8)
         b = rng.integers(-128, 128, (k, n), dtype=np.int8)
-        packed = x86_vnni.pack_weights(b, cols=tiles.cols)
-        for space in x86_vnni.design_space(s_tir.Schedule(workload, seed=seed)):
-            kernel = tvm.compile(space.mod, target=x86_vnni.host_target())
+        packed = x86_int8.pack_weights(isa, b, cols=tiles.cols)
+        for space in x86_int8.design_space(isa)(s_tir.Schedule(workload, seed=seed)):
+            kernel = tvm.compile(space.mod, target=x86_int8.host_target())
             out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
-            kernel(*(tvm.runtime.tensor(x) for x in (a, packed.data, packed.correction)), out)
+            kernel(*(tvm.runtime.tensor(x) for x in (a, *packed.arrays())), out)
             np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ b.astype(np.int32))

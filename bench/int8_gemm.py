@@ -1,17 +1,23 @@
-"""How fast is our x86 VNNI INT8 GEMM next to onnxruntime's MatMulInteger, TVM untuned, and the VNNI peak?
+"""How fast are our exact x86 INT8 GEMMs next to onnxruntime's MatMulInteger, TVM untuned, and the peak?
 
 Side by side, in one process run, for C_i32[M, N] = A_s8[M, K] @ B_s8[K, N] with M in {1, 16, 128} and
-K = N in {4096, 1024}, on `--threads` threads (TVM_NUM_THREADS and ORT's intra-op pool):
+K = N in {4096, 1024}, on `--threads` threads (TVM_NUM_THREADS and ORT's intra-op pool), on whatever
+x86 CPU runs it (the table's title and the JSON name the CPU, its int8 features and the kernel families):
 
-- ours: `passes.kernels.x86_vnni` (vpdpbusd intrinsic, default tiles or `--rows/--cols`), weights
-  pre-packed outside the timed call (as a deployed model holds them);
+- ours: `passes.kernels.x86_int8`, every family this CPU can execute (x86-vnni: AVX512-VNNI `vpdpbusd`;
+  x86-avxvnni: VEX `vpdpbusd`; x86-avx2: `vpmovsxbw` + `vpmaddwd`), default tiles or `--rows/--cols`,
+  weights pre-packed outside the timed call (as a deployed model holds them). The family the host build
+  dispatches to is marked `*`;
 - TVM untuned: `te` matmul with out_dtype int32, no schedule, built for the host CPU (`mcpu` set);
 - onnxruntime: one MatMulInteger node with B as an initializer (MLAS prepacks it at session creation),
-  fed A + 128 as u8 with a_zero_point 128 (the same product; MLAS's VNNI path is u8 x s8), and, for
-  reference, fed A as s8 (ORT 1.32 takes a slow path for s8 x s8: ~1-30 GOPS here);
-- peak: `bench/vnni_peak.py` (register-only vpdpbusd loop on the same threads).
+  fed A + 128 as u8 with a_zero_point 128 (the same product; MLAS's u8 x s8 path), and, for reference,
+  fed A as s8 (ORT 1.32 takes a slow path for s8 x s8: ~1-30 GOPS here). On a CPU without VNNI, MLAS's
+  u8 x s8 kernel sums pairs of products into saturating int16 (`vpmaddubsw`): its result is then *not*
+  exact, and the table says so (column "ORT exact");
+- peak: `bench/vnni_peak.py` (register-only vpdpbusd loop on the same threads), on AVX512-VNNI CPUs.
 
-Every candidate's output is checked bit-exact against numpy before it is timed. A timing is the best of
+Every candidate's output is checked against numpy's int32 matmul before it is timed: ours must be
+bit-exact (the run stops otherwise); onnxruntime's exactness is recorded. A timing is the best of
 `--repeat` means over enough calls to fill ~`--min-time` seconds (calls interleaved per shape, so
 a noisy neighbour hurts all candidates alike). Prints a table with ratios against onnxruntime and % of
 peak, and writes JSON.
@@ -75,20 +81,45 @@ def _time_call(fn: Callable[[], object], min_time: float) -> float:
 
 
 def _ours(
-    a: np.ndarray, b: np.ndarray, rows: int | None, cols: int | None
+    family: str, a: np.ndarray, b: np.ndarray, rows: int | None, cols: int | None
 ) -> tuple[Callable[[], object], object]:
-    from passes.kernels import x86_vnni
+    from passes.kernels import x86_int8
 
-    tiles = x86_vnni.default_tiles(a.shape[0])
-    tiles = x86_vnni.VnniTiles(rows or tiles.rows, cols or tiles.cols)
-    kernel = x86_vnni.build_gemm(a.shape[0], a.shape[1], b.shape[1], tiles)
-    weights = x86_vnni.pack_weights(b, tiles.cols)
+    isa = x86_int8.isa_named(family)
+    tiles = x86_int8.default_tiles(isa, a.shape[0])
+    tiles = x86_int8.X86Tiles(rows or tiles.rows, cols or tiles.cols, tiles.prologue_per_tile)
+    kernel = x86_int8.build_gemm(isa, a.shape[0], a.shape[1], b.shape[1], tiles)
+    weights = x86_int8.pack_weights(isa, b, tiles.cols)
     return kernel.runner(a, weights), kernel(a, weights)
+
+
+def _families() -> list[str]:
+    """The x86 int8 families this CPU can execute, preferred first."""
+    from passes.kernels import x86_int8
+
+    return [isa.family for isa in x86_int8.ISAS if x86_int8.has_feature(isa)]
+
+
+def _cpu() -> dict[str, object]:
+    """This CPU's model name and its int8-relevant flags (from /proc/cpuinfo where it exists)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    relevant = ["avx2", "avx512f", "avx512bw", "avx512vnni", "avx512_vnni", "avx_vnni", "amx_int8"]
+    return {"model": model, "int8_flags": [flag for flag in relevant if flag in flags]}
 
 
 def _tvm_untuned(a: np.ndarray, b: np.ndarray) -> tuple[Callable[[], object], object]:
     import tvm
-    from passes.kernels.x86_vnni import host_target
+    from passes.kernels.x86_int8 import host_target
     from tvm import te
 
     (m, k), n = a.shape, b.shape[1]
@@ -159,16 +190,15 @@ def _measure(
     b = rng.integers(-128, 128, (kn, kn), dtype=np.int8)
     a[0, :2], b[:2, 0] = (-128, 127), (-128, -128)
     expected = a.astype(np.int32) @ b.astype(np.int32)
-    candidates = {
-        "ours": _ours(a, b, args.rows, args.cols),
-        "onnxruntime": _ort(a, b, args.threads, unsigned=True),
-        "onnxruntime_s8": _ort(a, b, args.threads, unsigned=False),
-    }
+    candidates = {family: _ours(family, a, b, args.rows, args.cols) for family in _families()}
+    candidates["onnxruntime"] = _ort(a, b, args.threads, unsigned=True)
+    candidates["onnxruntime_s8"] = _ort(a, b, args.threads, unsigned=False)
     if not args.skip_untuned:
         candidates["tvm_untuned"] = _tvm_untuned(a, b)
     best = {name: float("inf") for name in candidates}
-    for name, (_, output) in candidates.items():
-        if not np.array_equal(np.asarray(output), expected):
+    exact = {name: bool(np.array_equal(np.asarray(output), expected)) for name, (_, output) in candidates.items()}
+    for name, ok in exact.items():
+        if not ok and not name.startswith("onnxruntime"):
             raise SystemExit(f"int8_gemm: {name} is not bit-exact for M={m} K=N={kn}")
     for _ in range(args.repeat):
         for name, (run, _) in candidates.items():
@@ -185,36 +215,36 @@ def _measure(
         "k": kn,
         "n": kn,
         **{f"{name}_gops": ops / t / 1e9 for name, t in best.items()},
+        "onnxruntime_exact": exact["onnxruntime"],
+        "onnxruntime_s8_exact": exact["onnxruntime_s8"],
     }
 
 
-def _render(rows: list[dict[str, object]], peak: float, threads: int) -> None:
+def _render(rows: list[dict[str, object]], peak: float | None, threads: int, cpu: dict[str, object],
+            families: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"INT8 GEMM, {threads} threads, GOPS (VNNI peak {peak:.0f})")
-    for column in (
-        "M",
-        "K=N",
-        "ours",
-        "ORT u8 (VNNI)",
-        "ORT s8",
-        "TVM untuned",
-        "ours / ORT",
-        "ours % peak",
-        "ORT % peak",
-    ):
+    peak_text = f", VNNI peak {peak:.0f}" if peak else ""
+    table = Table(title=f"INT8 GEMM on {cpu['model']} ({' '.join(cpu['int8_flags']) or 'no int8 flags'}), "
+                        f"{threads} threads, GOPS{peak_text}; * = what the host build dispatches to")
+    columns = ["M", "K=N", *[f"{f}{' *' if i == 0 else ''}" for i, f in enumerate(families)], "ORT u8",
+               "ORT exact", "ORT s8", "TVM untuned", *[f"{f} / ORT" for f in families]]
+    if peak:
+        columns += [f"{families[0]} % peak", "ORT % peak"]
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        ours, ort = float(row["ours_gops"]), float(row["onnxruntime_gops"])
+        ort = float(row["onnxruntime_gops"])
         untuned = row.get("tvm_untuned_gops")
-        table.add_row(
-            str(row["m"]), str(row["k"]), f"{ours:.0f}", f"{ort:.0f}",
-            f"{float(row['onnxruntime_s8_gops']):.1f}",
-            "-" if untuned is None else f"{float(untuned):.1f}",
-            f"{ours / ort:.2f}x", f"{100 * ours / peak:.0f}%", f"{100 * ort / peak:.0f}%",
-        )  # fmt: skip
-    Console().print(table)
+        ours = [float(row[f"{f}_gops"]) for f in families]
+        cells = [str(row["m"]), str(row["k"]), *[f"{g:.0f}" for g in ours], f"{ort:.0f}",
+                 "yes" if row["onnxruntime_exact"] else "NO (saturates)", f"{float(row['onnxruntime_s8_gops']):.1f}",
+                 "-" if untuned is None else f"{float(untuned):.1f}", *[f"{g / ort:.2f}x" for g in ours]]
+        if peak:
+            cells += [f"{100 * ours[0] / peak:.0f}%", f"{100 * ort / peak:.0f}%"]
+        table.add_row(*cells)
+    Console(width=200).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,14 +282,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from vnni_peak import measure_peak
 
+    families = _families()
+    if not families:
+        raise SystemExit("int8_gemm: this CPU has no AVX2, so no x86 int8 kernel of ours runs on it")
+    cpu = _cpu()
     busy_before = _wait_for_quiet(args.quiet, args.wait)
-    peak = measure_peak(args.threads)
+    peak = measure_peak(args.threads) if "x86-vnni" in families else None
     rng = np.random.default_rng(0)
     rows = [_measure(m, kn, args, rng) for kn in args.kn for m in args.m]
-    _render(rows, peak, args.threads)
+    _render(rows, peak, args.threads, cpu, families)
     report = {
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu["model"],
+            "int8_flags": cpu["int8_flags"],
+            "families": families,
+            "host_family": families[0],
             "threads": args.threads,
             "busy_fraction_before": busy_before,
             "load_average_after": os.getloadavg(),

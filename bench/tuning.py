@@ -3,7 +3,7 @@
 For each distinct INT8 matmul of the sample decoder (tiny-llama, quantized static W8A8 for `host`), in
 one run on this machine, side by side and with the same budget, batch and seed:
 
-- ours: `passes.kernels.x86_vnni.design_space` over the kernel's workload (`shifted_gemm`, packed weights);
+- ours: `passes.kernels.x86_int8.design_space` of the kernel's ISA over its workload (`shifted_gemm` or `widened_gemm`, packed weights);
 - default: MetaSchedule's post-order-apply space (its CPU rules) over the same product written as TVM's
   legalized int8 matmul, C_i32[M, N] = sum_k i32(A_u8[M, k]) * i32(B_s8[k, N]) (what the lowering would
   build without our kernel). TVM's shipped VNNI intrinsic does not verify under its LLVM 22, so the default

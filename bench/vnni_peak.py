@@ -21,7 +21,7 @@ MACS_PER_INSTRUCTION = 64
 
 def _peak_module(threads: int):
     import tvm
-    from passes.kernels.x86_vnni import host_target
+    from passes.kernels.x86_int8 import host_target
     from tvm.script import tirx as T
 
     width = ACCUMULATORS * 16

@@ -140,7 +140,7 @@ def test_real_export_meets_the_bar(real_export: Callable[[str, Exporter], Path],
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_tvm_host_build_of_the_quantized_sample(scheme: str) -> None:
     """Lowered and built for `host`, the quantized decoder runs and stays >= 30 dB from fp32; it agrees
-    with onnxruntime on the same quantized model to float rounding (>= 100 dB). Static W8A8 keeps
+    with the exact reference (onnxruntime, integer ops widened) on the same quantized model to float rounding (>= 100 dB). Static W8A8 keeps
     every MatMulInteger int8 in TVM (the dynamic scheme's run-time zero point makes the lowering widen
     to int32; W8A16's DequantizeLinear is folded to fp32 by from_onnx)."""
     from passes.targets import load_target

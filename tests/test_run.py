@@ -1,5 +1,5 @@
 """`passes run`: every bundled target builds the sample and writes its artifacts; the host build
-matches onnxruntime; the report's figures are honest; bad input fails with one line."""
+matches the exact reference; the report's figures are honest; bad input fails with one line."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_every_target_builds_the_sample(sample_path: Path, tmp_path: Path, targe
     assert onnx.load(str(folder / "model.onnx")).graph.input[0].type.tensor_type.shape.dim[1].dim_value == 16
 
 
-def test_host_build_runs_and_matches_onnxruntime(sample_path: Path, tmp_path: Path) -> None:
+def test_host_build_runs_and_matches_the_exact_reference(sample_path: Path, tmp_path: Path) -> None:
     report = run_for_target(sample_path, "host", tmp_path)
     assert report.host_check is not None and report.host_check["ok"]
     assert report.host_check["rtol"] == 1e-4 and report.host_check["atol"] == 1e-4

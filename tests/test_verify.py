@@ -63,3 +63,18 @@ def test_assert_equivalent_raises_with_the_worst_errors() -> None:
     assert assert_equivalent(relu, relu, rtol=0, atol=0).ok
     with pytest.raises(EquivalenceError, match=r"y: max abs error"):
         assert_equivalent(relu, neg, rtol=1e-5, atol=1e-5)
+
+
+def test_scaled_atol_grows_with_the_output_magnitude() -> None:
+    """Logits of ~20 after 30 layers carry ~1e-4 of fp32 rounding even near zero: `scale_atol` multiplies
+    atol by max(1, max |reference|); without it the same difference fails."""
+    from passes.verify import compare_outputs
+
+    reference = {"logits": np.array([20.0, 0.0, -3.0], np.float32)}
+    candidate = {"logits": np.array([20.0, 4e-4, -3.0], np.float32)}
+    assert not compare_outputs(reference, candidate, rtol=1e-4, atol=1e-4).ok
+    assert compare_outputs(reference, candidate, rtol=1e-4, atol=1e-4, scale_atol=True).ok
+    assert not compare_outputs(reference, {"logits": np.array([20.0, 3e-3, -3.0], np.float32)},
+                               rtol=1e-4, atol=1e-4, scale_atol=True).ok
+    small = {"p": np.array([0.5, 0.0], np.float32)}  # below 1: atol is not shrunk
+    assert compare_outputs(small, {"p": np.array([0.5, 9e-5], np.float32)}, rtol=1e-4, atol=1e-4, scale_atol=True).ok

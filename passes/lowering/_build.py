@@ -19,6 +19,7 @@ import tvm_ffi
 from tvm import relax
 
 from passes.kernels._opencl_dot import install_postproc
+from passes.lowering._quiet import native_stderr_to_log
 from passes.lowering._errors import LoweringError, last_line
 from passes.lowering._lower import LoweredModel
 from passes.lowering._sources import (
@@ -77,7 +78,8 @@ def build(lowered: LoweredModel, target: Any) -> BuiltModel:
         install_postproc()  # dispatched INT8 kernels call passes_dot4_acc: their sources get its definition
     started = time.perf_counter()
     try:
-        executable = tvm.compile(lowered.module, tvm_target, relax_pipeline=pipeline)
+        with native_stderr_to_log():
+            executable = tvm.compile(lowered.module, tvm_target, relax_pipeline=pipeline)
     except Exception as err:  # TVM raises its own error types from C++
         raise LoweringError(f"building for target {target.name!r} failed: {last_line(err)}") from err
     seconds = time.perf_counter() - started

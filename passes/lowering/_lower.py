@@ -14,6 +14,7 @@ import tvm
 from tvm import tirx
 
 from passes.lowering._dispatch import Dispatched, dispatch_int8_matmuls, kernel_families
+from passes.lowering._quiet import native_stderr_to_log
 from passes.lowering._errors import LoweringError, last_line
 from passes.lowering._relax import TensorSpec, import_onnx
 from passes.lowering._schedule import (
@@ -61,6 +62,11 @@ def lower(model: onnx.ModelProto, target: Any, tuning: Any = None) -> LoweredMod
     """Import `model` (all input shapes static) into Relax, keep int8 matmuls int8, legalize, fuse and
     schedule for `target` (a `passes.targets.TargetDescription`). Kernels with a record in `tuning` (a
     MetaSchedule database, e.g. a `passes tune` session's) take its best schedule. Raises `LoweringError`."""
+    with native_stderr_to_log():
+        return _lower(model, target, tuning)
+
+
+def _lower(model: onnx.ModelProto, target: Any, tuning: Any) -> LoweredModel:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     imported = import_onnx(model)

@@ -38,9 +38,15 @@ def test_sigkill_at_any_moment_leaves_a_database_that_loads_and_resumes(small_mo
     command = [*CLI, "tune", str(small_model), "-t", "host", "-s", str(session), "-n", "400", "--batch", "2",
                "--int8-only", "--builders", "1", "--json"]
     seen = []
-    for delay in (9.0, 13.5, 18.0):  # into the set-up, the baselines and the search
+    # kills into the set-up (a fixed delay), then at moments after the records file first appears: the
+    # baselines and the search, however slow the machine is today
+    for wait_for_records, delay in ((False, 6.0), (True, 0.3), (True, 4.0)):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
+        deadline = time.monotonic() + 180.0
+        while wait_for_records and not (session / RECORD_FILE).exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "the session wrote no records in 180 s"
+            time.sleep(0.1)
         time.sleep(delay)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()

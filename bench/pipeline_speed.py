@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 import passes
-from passes.manager import PassManager
+from passes.infra.manager import PassManager
 from passes.samples import build_sample
 
 

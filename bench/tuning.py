@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from passes.lowering import lower
     from passes.lowering._dispatch import kernel_families
-    from passes.run import prepare_model
+    from passes.frontend.prepare import prepare_model
     from passes.samples import build_sample
     from passes.tuning import Measurement, TuneOptions
     from passes.tuning._session import _measurer, tuning_target

@@ -1,10 +1,12 @@
 """`passes.kernels`: INT8 matmul compute definitions, per-backend schedules and tensor intrinsics.
+The lowering layer: may import TVM, `passes.lowering` helpers (schedules, TIR tools) and the layers below.
 
 Installed as `passes.kernels` (setuptools package-dir mapping); never importable as `kernels`.
 Only this package and `passes.lowering` import TVM.
 
-- `x86_vnni`: W8A8 GEMM for the x86 host (own `vpdpbusd` intrinsic that verifies under LLVM 22; s8 x s8
-  via the +128 shift and a per-column correction), compute definition in `_gemm`.
+- `x86_int8`: exact W8A8 GEMM for every x86-64 host, one schedule over three ISAs chosen by CPU features:
+  AVX512-VNNI and AVX-VNNI (`vpdpbusd`, s8 x s8 via the +128 shift and a per-column correction) and AVX2
+  (`vpmaddwd` on int16-widened operands); intrinsics in `_x86_intrinsics`, compute definitions in `_gemm`.
 - `arm_int8`: W8A8 GEMM for aarch64 CPUs: `sdot` (4-way dot) and an i8mm `smmla` (2x2x8) intrinsic,
   chosen by the target's CPU features.
 - `opencl_int8`: W8A8 GEMM/GEMV for Adreno and Mali: char4 dot products through the vendor builtins

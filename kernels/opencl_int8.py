@@ -223,16 +223,3 @@ def build_opencl(m: int, k: int, n: int, tiles: OpenclTiles, target: Target,
     (launch,) = lowered.launches["main"]
     source = with_prelude(codegen(lowered.device_module, target))
     return OpenclKernel(m, k, n, tiles, epilogue, source, launch)
-
-
-def run_on_pocl(kernel: OpenclKernel, a: np.ndarray, b: np.ndarray,
-                scales: tuple[np.ndarray, ...] = ()) -> np.ndarray:
-    """Launch `kernel` through the project's PoCL harness on A_s8[M, K], B_s8[K, N] (packed here) and,
-    with an epilogue, (a_scale f32[1], w_scale f32[N], bias f32[N]); returns C[M, N]."""
-    from passes.lowering.opencl_harness import _PoclRunner
-
-    out_dtype = np.int32 if kernel.epilogue is None else np.float32
-    arrays = [pack_activations(a, kernel.tiles), pack_weights(b, kernel.tiles),
-              *(np.ascontiguousarray(x, np.float32) for x in scales),
-              np.zeros((kernel.m, kernel.n), out_dtype)]
-    return _PoclRunner(kernel.source).run((kernel.launch,), arrays)[-1]

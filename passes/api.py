@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
-from passes.manager import PassManager, RunResult
-from passes.pipeline import Pipeline, PipelineElement
+from passes.infra.manager import PassManager, RunResult
+from passes.infra.pipeline import Pipeline, PipelineElement
 
 
 def optimize(

@@ -1,4 +1,5 @@
 """`passes.targets`: one TOML description per target (a phone SoC's GPU or CPU, or this machine) and their loader.
+May import core and infra (pipeline strings are validated); TVM only in `TargetDescription.tvm_target()`.
 
     from passes.targets import list_targets, load_target
     target = load_target("sd8gen2")          # bundled; "sd8gen2:cpu" selects the SoC's CPU instead
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from passes.errors import TargetError
+from passes.core.errors import TargetError
 
 try:
     import tomllib

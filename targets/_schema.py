@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from passes.errors import PipelineError, TargetError
+from passes.core.errors import PipelineError, TargetError
 from passes.targets._checks import consistency_problems, show_value
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ def build_description(
 
 
 def _check_pipeline(pipeline: str, fail: Callable[..., TargetError]) -> None:
-    from passes.pipeline import parse_pipeline
+    from passes.infra.pipeline import parse_pipeline
 
     try:
         parse_pipeline(pipeline)

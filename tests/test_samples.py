@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from passes.errors import SampleError
+from passes.core.errors import SampleError
 from passes.samples import SAMPLE_NAMES, build_sample, describe_samples
 
 IDIOMS = ("torchscript", "dynamo")

@@ -17,8 +17,8 @@ from passes.targets import BUNDLED_DIR, TargetDescription, list_targets, load_ta
 from pydantic import ValidationError
 
 from passes.cli import main
-from passes.errors import TargetError
-from passes.pipeline import parse_pipeline
+from passes.core.errors import TargetError
+from passes.infra.pipeline import parse_pipeline
 
 SOCS = ("a16", "dimensity9200", "sd888", "sd8gen2", "sd8gen3", "tensor-g3")
 BUNDLED = sorted([*SOCS, *(f"{soc}:cpu" for soc in SOCS), "host"])

@@ -1,4 +1,5 @@
 """`passes.lowering`: optimized, shape-frozen ONNX -> Apache TVM (0.27) -> artifacts for one target.
+May import core, numerics, infra, transforms, targets and `passes.kernels` (the same layer); never tuning or above.
 
     lowered = lower(model, target)              # Relax import, int8 rewrites, dlight schedules
     built = build(lowered, target)              # tvm.compile
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from passes._lazy import lazy_exports
+from passes.core._lazy import lazy_exports
 
 _EXPORTS = {
     "LoweringError": "passes.lowering._errors",

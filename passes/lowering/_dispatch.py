@@ -25,14 +25,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import tvm
 from tvm import relax, tirx
 
 from passes.kernels._gemm import SHIFT
+from passes.lowering._dispatch_families import choose_family
 from passes.lowering._errors import LoweringError, last_line
+from passes.lowering._plan import Int8Matmul, KernelFamily, KernelPlan
 from passes.lowering._matmul_rewrite import constant, dtype_of, rewrite_matmuls, static_shape
 from passes.lowering._schedule import SCHEDULED_ATTR
 
@@ -40,48 +42,6 @@ logger = logging.getLogger(__name__)
 
 #: the op_pattern FuseOps never fuses (relay's kOpaque)
 OPAQUE = 8
-
-
-@dataclass(frozen=True)
-class Int8Matmul:
-    """One dispatchable matmul: the activation flattened to [M', K] int8 (shifted when it was uint8),
-    the constant weight [K, N] int8, and whether the activation was uint8."""
-
-    activation: relax.Expr
-    rows: int
-    weight: np.ndarray
-    unsigned: bool
-
-    @property
-    def depth(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def cols(self) -> int:
-        return int(self.weight.shape[1])
-
-
-@dataclass(frozen=True)
-class KernelPlan:
-    """A kernel for one (M', K, N): its PrimFunc name, the scheduled PrimFunc, and the reference."""
-
-    name: str
-    scheduled: tirx.PrimFunc
-    reference: tirx.PrimFunc
-
-
-class KernelFamily(Protocol):
-    """A family of INT8 kernels for one target (see `_dispatch_families`)."""
-
-    name: str
-
-    def kernel(self, rows: int, depth: int, cols: int) -> KernelPlan:
-        """The kernel computing C_i32[rows, cols] = A_s8[rows, depth] @ W_s8[depth, cols]."""
-        ...
-
-    def operands(self, matmul: Int8Matmul) -> tuple[list[relax.Expr], np.ndarray | None]:
-        """The kernel's inputs for `matmul`, and the int32 [N] to add to its result (None: nothing)."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -116,8 +76,6 @@ def kernel_families(dispatched: Mapping[str, Dispatched]) -> dict[str, str]:
 
 def dispatch_int8_matmuls(module: tvm.IRModule, target: Any, tvm_target: tvm.target.Target) -> Dispatch:
     """Dispatch the int8 matmuls of `module` to the kernel family `target` gets (none: unchanged)."""
-    from passes.lowering._dispatch_families import choose_family
-
     family = choose_family(target, tvm_target)
     if family is None:
         return Dispatch(module)
@@ -167,11 +125,6 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder,
     if correction is not None:
         result = relax.op.add(result, relax.const(correction))
     return result if len(shape) == 2 else relax.op.reshape(result, (*shape[:-1], cols))
-
-
-def uint8_correction(weight: np.ndarray) -> np.ndarray:
-    """128 * sum_k W[k, n] as int32: what matmul(a_u8 - 128, W) lacks of matmul(a_u8, W)."""
-    return (SHIFT * weight.astype(np.int32).sum(axis=0, dtype=np.int32)).astype(np.int32)
 
 
 def _to_int8(activation: relax.Expr) -> relax.Expr:

@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 
 from passes.kernels import arm_int8, opencl_int8, x86_int8
-from passes.lowering._dispatch import Int8Matmul, KernelFamily, KernelPlan, uint8_correction
+from passes.lowering._plan import Int8Matmul, KernelFamily, KernelPlan, uint8_correction
 from passes.lowering._schedule import max_threads
 
 

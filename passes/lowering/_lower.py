@@ -86,7 +86,7 @@ def _lower(model: onnx.ModelProto, target: Any, tuning: Any) -> LoweredModel:
     references = MappingProxyType({name: dispatch.references.get(name, func) for name, func in prim_funcs(fused).items()})
     tuned: list[str] = []
     if tuning is not None:
-        from passes.tuning._apply import apply_tuning
+        from passes.lowering._apply import apply_tuning
 
         fused, tuned = apply_tuning(fused, references, kernel_families(dispatch.dispatched), tuning, tvm_target)
     started = time.perf_counter()

@@ -4,7 +4,7 @@
         -> QuantizeLinear(Cast<float>(MatMulInteger(a, b, za, zb)) * (sa * sb / sy), 1, zy)
 
 `tvm.relax.frontend.onnx` has no QLinearMatMul converter, so it is decomposed here, bit-exactly, by the
-exact reference's own decomposition (`passes.exact.decompose_qlinear_matmul`): onnxruntime (MLAS)
+exact reference's own decomposition (`passes.numerics.exact.decompose_qlinear_matmul`): onnxruntime (MLAS)
 requantizes the int32 accumulator as `round_half_even(float(acc) * m) + zy`, saturated, with
 `m = sa * sb / sy` computed in float32 in that order; multiplying by that same `m` and quantizing with
 scale 1 rounds identically. The other checks refuse, in one clear line, what the
@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import onnx
 
-from passes.exact import IntegerOpError, decompose_qlinear_matmul
+from passes.numerics.exact import IntegerOpError, decompose_qlinear_matmul
 from passes.lowering._errors import LoweringError
 
 #: ops `from_onnx` handles outside its converter map

@@ -301,3 +301,16 @@ def _pick_device(cl: Any) -> Any:
         if devices:
             return devices[0]
     raise LoweringError("no OpenCL device (install pocl-opencl-icd)")
+
+
+def run_int8_kernel(kernel: Any, a: np.ndarray, b: np.ndarray,
+                scales: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+    """Launch an `opencl_int8.OpenclKernel` through this harness on A_s8[M, K], B_s8[K, N] (packed here) and,
+    with an epilogue, (a_scale f32[1], w_scale f32[N], bias f32[N]); returns C[M, N]."""
+    from passes.kernels.opencl_int8 import pack_activations, pack_weights
+
+    out_dtype = np.int32 if kernel.epilogue is None else np.float32
+    arrays = [pack_activations(a, kernel.tiles), pack_weights(b, kernel.tiles),
+              *(np.ascontiguousarray(x, np.float32) for x in scales),
+              np.zeros((kernel.m, kernel.n), out_dtype)]
+    return _PoclRunner(kernel.source).run((kernel.launch,), arrays)[-1]

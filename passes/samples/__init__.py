@@ -1,4 +1,5 @@
-"""Bundled sample models, built in memory with `onnx.helper` (no downloads, no torch).
+"""`passes.samples`: bundled sample models, built in memory with `onnx.helper` (no downloads, no torch).
+May import `passes.core` only.
 
 Each sample is a small transformer written op for op the way a PyTorch exporter emits it, in
 either the TorchScript idiom (`torch.onnx.export(dynamo=False)`: opset 17 / 14, `Constant`
@@ -16,7 +17,7 @@ from typing import Literal, get_args
 
 import onnx
 
-from passes.errors import SampleError
+from passes.core.errors import SampleError
 from passes.samples._blocks import SampleConfig
 from passes.samples._builder import export_style
 from passes.samples._decoder import build_decoder

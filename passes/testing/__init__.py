@@ -1,4 +1,5 @@
-"""Test helpers for pass authors: numeric equivalence, seeded feeds, graph strategies.
+"""`passes.testing`: test helpers for pass authors: numeric equivalence, seeded feeds, graph strategies.
+May import core, numerics and infra (the public testing surface); never TVM.
 
     from passes.testing import assert_equivalent, random_feeds
     assert_equivalent(original, rewritten, rtol=1e-5, atol=1e-6)
@@ -13,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from passes._pass import Pass, PassResult
-from passes.verify import Comparison, compare_models, random_feeds, run_model
+from passes.infra._pass import Pass, PassResult
+from passes.numerics.verify import Comparison, compare_models, random_feeds, run_model
 
 __all__ = ["assert_equivalent", "assert_pass_sound", "random_feeds", "run_model", "EquivalenceError"]
 

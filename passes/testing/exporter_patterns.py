@@ -11,7 +11,7 @@ as `Pow(d, 2)` (float or int64 exponent) or `Mul(d, d)`; `Div(d, std)`, `Mul(d, 
 negative, in any order, the last k of a rank-r input; random epsilons; scale/bias present or not, as
 constants of the normalised shape (maybe with leading 1s) or graph inputs; GELU's three factors in
 every association, Erf or tanh form. Instances are chained or fan out from the input. Leading dims
-may be symbolic; their sizes are recorded under `passes.verify.TEST_DIMS_KEY`.
+may be symbolic; their sizes are recorded under `passes.numerics.verify.TEST_DIMS_KEY`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.verify import TEST_DIMS_KEY
+from passes.numerics.verify import TEST_DIMS_KEY
 
 __all__ = ["PatternCase", "gelu_cases", "layer_norm_cases", "rms_norm_cases"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from passes import ir
-from passes.rewrite import RewriteContext
+from passes.core import ir
+from passes.infra.rewrite import RewriteContext
 
 #: how `x^2` / `x^3` are spelled: `Mul(x, x)` chains or `Pow(x, n)`.
 Powers = Literal["mul", "pow"]

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes import ir
+from passes.core import ir
 
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)

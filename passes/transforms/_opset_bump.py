@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._pass import PassResult
-from passes.rewrite import RewriteRule, run_rules
+from passes.core import ir
+from passes.infra._pass import PassResult
+from passes.infra.rewrite import RewriteRule, run_rules
 
 # -- opsets --------------------------------------------------------------------------------------
 _TYPES_21_23 = frozenset({21, 23})

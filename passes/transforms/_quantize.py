@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.rewrite import RewriteContext
+from passes.infra.rewrite import RewriteContext
 
 Scheme = Literal["w8a8-dynamic", "w8a8-static", "w8a16"]
 

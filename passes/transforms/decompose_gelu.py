@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from passes._pass import Pass, PassResult
-from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
+from passes.infra._pass import Pass, PassResult
+from passes.infra.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
 from passes.transforms._decompose import Emitter, Powers, float_type
 
 #: the Tanh approximation's cubic coefficient.

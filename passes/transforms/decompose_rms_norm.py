@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
-from passes import ir
-from passes._pass import Pass, PassResult
-from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
+from passes.core import ir
+from passes.infra._pass import Pass, PassResult
+from passes.infra.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
 from passes.transforms._decompose import (
     Emitter,
     Form,

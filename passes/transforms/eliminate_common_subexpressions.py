@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._pass import Pass, PassResult
+from passes.core import ir
+from passes.infra._pass import Pass, PassResult
 
 NONDETERMINISTIC = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._pass import Pass, PassResult
+from passes.core import ir
+from passes.infra._pass import Pass, PassResult
 
 
 @dataclass(frozen=True)

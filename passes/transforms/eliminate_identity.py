@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._pass import Pass, PassResult, Refusal
+from passes.core import ir
+from passes.infra._pass import Pass, PassResult, Refusal
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._evaluate import EvaluationUnsupported, evaluate_node
-from passes._pass import Pass, PassResult, Refusal
+from passes.core import ir
+from passes.core._evaluate import EvaluationUnsupported, evaluate_node
+from passes.infra._pass import Pass, PassResult, Refusal
 
 MAX_ROUNDS = 32
 

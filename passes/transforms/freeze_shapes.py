@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._pass import Pass, PassResult, parse_dims
-from passes.errors import PipelineError
+from passes.core import ir
+from passes.infra._pass import Pass, PassResult, parse_dims
+from passes.core.errors import PipelineError
 from passes.transforms.fold_constants import FoldConstants
 
 #: op -> positions of the inputs that hold a shape, size or index the op's output shape depends on.

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from passes._pass import Pass, PassResult
-from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule
+from passes.infra._pass import Pass, PassResult
+from passes.infra.rewrite import Match, Replacement, RewriteContext, RewriteRule
 from passes.transforms._opset_bump import run_fusion
 from passes.transforms._norm_patterns import (
     absorb_constants,

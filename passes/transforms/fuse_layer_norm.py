@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from passes._pass import Pass, PassResult
-from passes.rewrite import RewriteContext
+from passes.infra._pass import Pass, PassResult
+from passes.infra.rewrite import RewriteContext
 from passes.transforms._opset_bump import run_fusion
 from passes.transforms._norm_patterns import (
     NormCore,

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes._pass import Pass, PassResult
-from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, apply_rules, run_rules
+from passes.infra._pass import Pass, PassResult
+from passes.infra.rewrite import Match, Replacement, RewriteContext, RewriteRule, apply_rules, run_rules
 
 HighRank = Literal["reshape-gemm", "keep-matmul"]
 

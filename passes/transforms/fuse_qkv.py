@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._pass import Pass, PassResult, Refusal
-from passes.rewrite import RewriteContext
+from passes.core import ir
+from passes.infra._pass import Pass, PassResult, Refusal
+from passes.infra.rewrite import RewriteContext
 
 #: Split accepts a negative axis from opset 11; its sizes moved from an attribute to an input at 13.
 MIN_OPSET = 11

@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._pass import Pass, PassResult
-from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
+from passes.core import ir
+from passes.infra._pass import Pass, PassResult
+from passes.infra.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
 from passes.transforms._einsum import ELLIPSIS
 
 EINSUM_MIN_OPSET = 12

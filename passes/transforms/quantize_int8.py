@@ -12,7 +12,7 @@ MatMulInteger, and w8a16 keeps the Gemm with its transB, dequantizing along axis
 matmul keeps its output tensor (name included), so per-layer accuracy can match layers by name.
 
 w8a8-static needs activation ranges: from `calibration` (an .npz of inputs by name), else from inputs
-generated with `passes.verify.random_feeds` at the model's shapes (`stats["calibration"] = "generated"`).
+generated with `passes.numerics.verify.random_feeds` at the model's shapes (`stats["calibration"] = "generated"`).
 `percentile` < 100 clips each range to that percentile of |values| on both sides (100 is min-max).
 
 Ordering: run after `fold-constants` and the fusions (fuse-qkv, fuse-matmul-add): fold-constants would
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes import ir
-from passes._pass import Pass, PassResult
-from passes.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
+from passes.core import ir
+from passes.infra._pass import Pass, PassResult
+from passes.infra.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
 from passes.transforms._quantize import (
     ActivationQuantization,
     QuantizeOptions,
@@ -179,7 +179,7 @@ class QuantizeInt8(Pass):
     def _calibrate(self, graph: gs.Graph, options: QuantizeOptions) -> tuple[dict[str, ActivationQuantization], str]:
         """uint8 parameters for the activations of the matmuls the rule will quantize, and where the
         calibration inputs came from ("file", "generated"; "" when nothing needs calibrating)."""
-        from passes import calibration
+        from passes.numerics import calibration
 
         names = _static_candidates(graph, options)
         if not names:

@@ -1,4 +1,5 @@
 """`passes.tuning`: resumable autotuning sessions over the kernels of a lowered model (`passes tune`).
+May import frontend (prepare_model), lowering, kernels and everything below; never deploy or the CLI.
 
     report = tune("graph.onnx", "host", "sessions/host", TuneOptions(trials=200))   # or resume it
     lowered = lower(model, target, tuning=load_session("sessions/host").memory)   # build with the records
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from passes._lazy import lazy_exports
+from passes.core._lazy import lazy_exports
 
 _EXPORTS = {
     "TuningError": "passes.tuning._errors",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from passes.errors import PassesError
+from passes.core.errors import PassesError
 
 
 class TuningError(PassesError):

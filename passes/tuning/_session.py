@@ -100,7 +100,7 @@ def tune(model_path: str | os.PathLike[str], target_spec: str | os.PathLike[str]
          on_progress: Callable[[TaskState], None] | None = None) -> TuneReport:
     """Tune the kernels of `model_path` for `target_spec`, continuing the session in `session_dir`."""
     from passes.lowering import lower
-    from passes.run import prepare_model
+    from passes.frontend.prepare import prepare_model
     from passes.targets import load_target
 
     options = options or TuneOptions()
@@ -254,7 +254,7 @@ def _search_all(states: list[TaskState], tvm_target: tvm.target.Target, database
 def _model_latency(model: Any, target: Any, database: SessionDatabase) -> dict[str, float] | None:
     """Seconds per call of the whole model, built untuned and with the session's records (VM, this CPU)."""
     from passes.lowering import build, lower
-    from passes.verify import random_feeds
+    from passes.numerics.verify import random_feeds
 
     try:
         feeds = random_feeds(model, 0)

@@ -21,11 +21,9 @@ import tvm_ffi
 from tvm import tirx
 
 from passes.kernels import x86_int8
-from passes.lowering._schedule import SCHEDULED_ATTR
+from passes.lowering._apply import KERNEL_SPACES, as_workload, workload_of
 from passes.lowering._tir import call_counts
 
-#: the design space of a task: an x86 int8 family (kernels/x86_int8.py) or "metaschedule" (its default space)
-KERNEL_SPACES = tuple(isa.family for isa in x86_int8.ISAS)
 
 
 @dataclass(frozen=True)
@@ -65,16 +63,6 @@ def default_schedule(task: TuningTask) -> Any:
     return sch
 
 
-def workload_of(func: tirx.PrimFunc, family: str | None) -> tuple[tvm.IRModule, str] | None:
-    """(workload module, space) of one kernel of a lowered module, given its unscheduled form and the
-    kernel family it was dispatched to (None: not dispatched); None for kernels nothing can tune."""
-    if family in KERNEL_SPACES:
-        return _as_workload(func), family
-    if family is not None or (func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False)):
-        return None  # scheduled by hand, with no design space to search
-    return _as_workload(func), "metaschedule"
-
-
 def extract_tasks(module: tvm.IRModule, kernels: Mapping[str, tirx.PrimFunc],
                   families: Mapping[str, str]) -> list[TuningTask]:
     """The tasks of `module` (a lowered Relax module); `kernels` are its unscheduled TIR functions by
@@ -93,11 +81,6 @@ def extract_tasks(module: tvm.IRModule, kernels: Mapping[str, tirx.PrimFunc],
             continue
         tasks[key] = TuningTask(name, workload, space, calls[name], _flops(workload))
     return sorted(tasks.values(), key=lambda task: (not task.int8, -task.weight, task.name))
-
-
-def _as_workload(func: tirx.PrimFunc) -> tvm.IRModule:
-    """{"main": func}, named `main` whatever it was called in the model (keys are structural)."""
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
 
 
 def _flops(workload: tvm.IRModule) -> float:

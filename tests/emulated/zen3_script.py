@@ -30,7 +30,7 @@ def main() -> None:
     from passes.kernels import x86_int8
     from passes.lowering import build, lower, run_host
     from passes.targets import load_target
-    from passes.verify import run_model
+    from passes.numerics.verify import run_model
 
     m, k, n = 8, 512, 64
     saturating = _model(m, k, n, np.full((k, n), -128, np.int8))

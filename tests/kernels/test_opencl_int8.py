@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 tvm = pytest.importorskip("tvm")
 
 from passes.kernels import opencl_int8 as ocl
+from passes.lowering.opencl_harness import run_int8_kernel
 from passes.kernels._opencl_dot import ARM_BUILTIN, EXTERN, PRELUDE, QCOM_BUILTIN
 from passes.targets import load_target
 
@@ -111,14 +112,14 @@ def test_vendor_branches_compile_and_match_when_their_macros_are_defined() -> No
     }
     for defines in stand_ins:
         variant = dataclasses.replace(kernel, source=defines + kernel.source)
-        np.testing.assert_array_equal(ocl.run_on_pocl(variant, a, b), _reference(a, b))
+        np.testing.assert_array_equal(run_int8_kernel(variant, a, b), _reference(a, b))
 
 
 @pytest.mark.parametrize("name", TARGETS)
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 4096 // 8, 257), (16, 64, 64), (37, 100, 33)])
 def test_int8_extremes_bit_exact(name: str, m: int, k: int, n: int) -> None:
     a, b = _operands(1, m, k, n, extremes=True)
-    np.testing.assert_array_equal(ocl.run_on_pocl(_kernel(name, m, k, n), a, b), _reference(a, b))
+    np.testing.assert_array_equal(run_int8_kernel(_kernel(name, m, k, n), a, b), _reference(a, b))
 
 
 _sizes = st.integers(1, 80)
@@ -131,7 +132,7 @@ _sizes = st.integers(1, 80)
 @example(m=17, k=131, n=65, seed=1)
 def test_gemm_and_gemv_bit_exact_over_shapes(name: str, m: int, k: int, n: int, seed: int) -> None:
     a, b = _operands(seed, m, k, n)
-    np.testing.assert_array_equal(ocl.run_on_pocl(_kernel(name, m, k, n), a, b), _reference(a, b))
+    np.testing.assert_array_equal(run_int8_kernel(_kernel(name, m, k, n), a, b), _reference(a, b))
 
 
 @settings(max_examples=4)
@@ -141,7 +142,7 @@ def test_gemm_and_gemv_bit_exact_over_shapes(name: str, m: int, k: int, n: int, 
        m=st.integers(1, 20), k=st.integers(1, 50), n=st.integers(1, 30))
 def test_any_tiles_are_bit_exact(tiles: ocl.OpenclTiles, m: int, k: int, n: int) -> None:
     a, b = _operands(m * 1000 + k, m, k, n)
-    np.testing.assert_array_equal(ocl.run_on_pocl(_kernel("tensor-g3", m, k, n, tiles), a, b), _reference(a, b))
+    np.testing.assert_array_equal(run_int8_kernel(_kernel("tensor-g3", m, k, n, tiles), a, b), _reference(a, b))
 
 
 @pytest.mark.parametrize("name", TARGETS)
@@ -153,7 +154,7 @@ def test_fused_dequant_epilogue(name: str, bias: bool) -> None:
     a_scale = np.array([0.013], np.float32)
     w_scale = rng.uniform(1e-3, 2e-2, n).astype(np.float32)
     scales = (a_scale, w_scale, rng.standard_normal(n).astype(np.float32)) if bias else (a_scale, w_scale)
-    got = ocl.run_on_pocl(_kernel(name, m, k, n, epilogue=ocl.Epilogue(bias)), a, b, scales)
+    got = run_int8_kernel(_kernel(name, m, k, n, epilogue=ocl.Epilogue(bias)), a, b, scales)
     want = _reference(a, b).astype(np.float32) * a_scale[0] * w_scale
     if bias:
         want = want + scales[2]

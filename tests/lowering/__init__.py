@@ -55,9 +55,9 @@ def sample_feeds(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The exact reference (`passes.verify.run_model`): onnxruntime with integer matmuls widened, so
+    """The exact reference (`passes.numerics.verify.run_model`): onnxruntime with integer matmuls widened, so
     nothing saturates on a CPU without VNNI."""
-    from passes.verify import run_model
+    from passes.numerics.verify import run_model
 
     return run_model(model, feeds)
 

@@ -4,7 +4,7 @@ Every family is built here from a target whose LLVM CPU has it (`x86_target(mcpu
 (znver4), AVX-VNNI (alderlake), AVX2 only (znver3), and baseline x86-64 (no family: Relax matmuls,
 legalized to exact int32 loops). The assembly of each is checked on any machine; a build runs only
 where this CPU has the family's feature (else the test is skipped, naming it). Outputs are compared bit
-for bit with the exact reference (`passes.verify.run_model`: integer matmuls widened, never onnxruntime's
+for bit with the exact reference (`passes.numerics.verify.run_model`: integer matmuls widened, never onnxruntime's
 saturating u8 x s8 kernels) on int8/uint8 feeds over their whole range."""
 
 from __future__ import annotations
@@ -226,9 +226,9 @@ class OnHost:
 
 def lower_on_host_with(family: Any, made: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch):  # -> BuiltModel
     """Lower + build `made` for the host with `OnHost(family)` as the host's kernel family."""
-    from passes.lowering import _dispatch_families
+    from passes.lowering import _dispatch
 
-    monkeypatch.setattr(_dispatch_families, "choose_family", lambda target, tvm_target: OnHost(family))
+    monkeypatch.setattr(_dispatch, "choose_family", lambda target, tvm_target: OnHost(family))
     return _lower_and_build(made)
 
 

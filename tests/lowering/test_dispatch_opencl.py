@@ -171,7 +171,7 @@ def test_kernel_family_follows_backend_and_cpu_features() -> None:
 
 def test_int32_correction_of_uint8_activations() -> None:
     """matmul(a_u8, W) = matmul(a_u8 - 128, W) + 128 * colsum(W), exactly, at the extremes."""
-    from passes.lowering._dispatch import uint8_correction
+    from passes.lowering._plan import uint8_correction
 
     rng = np.random.default_rng(0)
     a = rng.choice(np.array([0, 255], np.uint8), (5, 300))

@@ -1,5 +1,5 @@
 """int8 matmuls stay int8: MatMulInteger (and decomposed QLinearMatMul) import as
-`matmul(a8, w8, out_dtype=int32)` plus zero-point corrections, bit-exact against the exact reference (`passes.verify.run_model`) on the host."""
+`matmul(a8, w8, out_dtype=int32)` plus zero-point corrections, bit-exact against the exact reference (`passes.numerics.verify.run_model`) on the host."""
 
 from __future__ import annotations
 

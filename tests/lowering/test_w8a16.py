@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 @cache
 def quantized_sample() -> onnx.ModelProto:
-    from passes.manager import PassManager
-    from passes.pipeline import parse_pipeline
+    from passes.infra.manager import PassManager
+    from passes.infra.pipeline import parse_pipeline
     from passes.transforms.quantize_int8 import QuantizeInt8
 
     return PassManager([QuantizeInt8(scheme="w8a16"), *parse_pipeline("cleanup").elements]).run(sample_model()).model

@@ -16,8 +16,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import passes
-from passes import ir
-from passes.io import load_model_with_info
+from passes.core import ir
+from passes.core.io import load_model_with_info
 from passes.testing import assert_equivalent
 from passes.transforms.freeze_shapes import SHAPE_INPUTS, count_dynamic_shapes
 from tests.real_models.export import ARCHS, EXPORTERS, OPSETS, ArchSpec, Exporter

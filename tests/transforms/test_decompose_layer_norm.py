@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from passes import ir
+from passes.core import ir
 from passes.testing import EquivalenceError, assert_equivalent, assert_pass_sound, run_model
 from passes.transforms.decompose_layer_norm import DecomposeLayerNorm
 from tests.helpers import init, model, ops, tensor

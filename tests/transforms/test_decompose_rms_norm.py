@@ -23,7 +23,7 @@ from onnx.reference import ReferenceEvaluator
 
 from passes.testing import EquivalenceError, assert_equivalent, assert_pass_sound, random_feeds, run_model
 from passes.transforms.decompose_rms_norm import DecomposeRmsNorm
-from passes.verify import compare_outputs
+from passes.numerics.verify import compare_outputs
 from tests.helpers import init, model, ops, tensor
 
 F32_TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -6,8 +6,8 @@ import onnx
 import pytest
 from hypothesis import given
 
-from passes.errors import PassContractError
-from passes.ir import import_graph
+from passes.core.errors import PassContractError
+from passes.core.ir import import_graph
 from passes.testing import assert_equivalent, assert_pass_sound
 from passes.testing.strategies import shape_chain_graphs, test_dims
 from passes.transforms.freeze_shapes import FreezeShapes, count_dynamic_shapes

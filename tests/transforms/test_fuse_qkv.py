@@ -17,7 +17,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from passes.errors import PipelineError
+from passes.core.errors import PipelineError
 from passes.testing import assert_equivalent, assert_pass_sound
 from passes.transforms.fuse_matmul_add import FuseMatMulAdd
 from passes.transforms.fuse_qkv import FuseQkv

@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from passes import ir
+from passes.core import ir
 from passes.testing import assert_equivalent, assert_pass_sound
 from passes.testing.strategies import onnx_graphs
 from passes.transforms.einsum_to_matmul import EinsumToMatMul

@@ -12,8 +12,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.accuracy import quantization_report, sqnr_db
-from passes.errors import PipelineError
+from passes.numerics.accuracy import quantization_report, sqnr_db
+from passes.core.errors import PipelineError
 from passes.testing import random_feeds, run_model
 from passes.transforms.quantize_int8 import QuantizeInt8
 from tests.helpers import init, model, ops, tensor

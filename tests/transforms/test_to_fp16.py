@@ -15,7 +15,7 @@ from passes import optimize
 from passes.testing import assert_equivalent, assert_pass_sound, run_model
 from passes.testing.strategies import onnx_graphs, shape_chain_graphs, test_dims
 from passes.transforms.to_fp16 import ToFp16
-from passes.verify import random_feeds
+from passes.numerics.verify import random_feeds
 from tests.helpers import init, model, ops, tensor
 
 # float16 keeps 11 significant bits (unit roundoff 2^-11 = 4.9e-4); a few roundings per layer through

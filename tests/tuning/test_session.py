@@ -60,7 +60,7 @@ def test_a_session_records_resumes_and_never_measures_a_candidate_twice(small_mo
 
 @needs_x86_int8
 def test_run_with_tuning_applies_the_records_and_stays_bit_exact(small_model, tmp_path):
-    from passes.run import run_for_target
+    from passes.deploy.run import run_for_target
 
     session = tmp_path / "session"
     tune(small_model, "host", session, quick_options(4))
@@ -74,7 +74,7 @@ def test_run_with_tuning_applies_the_records_and_stays_bit_exact(small_model, tm
 
 
 def test_run_with_a_folder_that_is_no_session_fails_with_one_line(small_model, tmp_path):
-    from passes.run import run_for_target
+    from passes.deploy.run import run_for_target
 
     with pytest.raises(TuningError, match="is not a tuning session"):
         run_for_target(small_model, "host", tmp_path / "out", tuning=tmp_path)

@@ -1,0 +1,357 @@
+"""The `passes` command line: opt, list, verify, inspect, sample, targets.
+
+Human output is rich tables on stdout; `--json` prints one JSON document for scripts. A user mistake
+(a bad file, pipeline, option or shape) prints one `error:` line on stderr and exits 2; `--debug`
+shows the traceback instead. `verify` exits 1 when the models differ beyond tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from passes.core.errors import PassesError, PipelineError
+from passes.samples import SAMPLE_NAMES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_MISMATCH = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 70
+
+
+def _debug_option(func: F) -> F:
+    return click.option("--debug", is_flag=True, expose_value=False, help="Show tracebacks on errors.")(func)
+
+
+def _parse_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    from passes.infra._pass import parse_dims
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, sep, dims = value.partition("=")
+        if not sep or not name:
+            raise PipelineError(f"--shape: expected NAME=DIMS like input_ids=1x128, got {value!r}")
+        try:
+            shapes[name] = parse_dims(dims)
+        except ValueError as err:
+            raise PipelineError(f"--shape {value}: {err}") from None
+    return shapes
+
+
+_shape_option = click.option(
+    "--shape", "shapes", multiple=True, metavar="NAME=DIMS", help="Bind an input's dims, e.g. input_ids=1x128."
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="passes")
+@_debug_option
+def cli() -> None:
+    """Rewrite transformer ONNX graphs for mobile back ends."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
+@click.option("-p", "--pipeline", default="canonicalize", show_default=True, help="Pipeline string or name.")
+@_shape_option
+@click.option("--dump-ir", type=click.Path(path_type=Path), help="Write every intermediate graph to this folder.")
+@click.option("--verify", is_flag=True, help="Compare with the input after every pass (onnxruntime).")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance for --verify.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance for --verify.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs for --verify.")
+@click.option("--no-check", is_flag=True, help="Skip the ONNX checker after each pass.")
+@click.option("--explain", is_flag=True, help="Show why rewrites that matched were not applied.")
+@click.option("--in-place", is_flag=True, help="Allow -o to be the input file.")
+@_json_option
+@_debug_option
+def opt(
+    model: Path,
+    output: Path,
+    pipeline: str,
+    shapes: Sequence[str],
+    dump_ir: Path | None,
+    verify: bool,
+    rtol: float,
+    atol: float,
+    seed: int,
+    no_check: bool,
+    explain: bool,
+    in_place: bool,
+    as_json: bool,
+) -> None:
+    """Rewrite MODEL with a pipeline of passes and write the result to -o."""
+    from passes.cli import _render
+    from passes.core.io import check_output_path, load_model, save_model
+    from passes.infra.manager import PassManager
+
+    check_output_path(output, source=model, in_place=in_place)
+    manager = PassManager(
+        pipeline,
+        input_shapes=_parse_shapes(shapes),
+        check=not no_check,
+        verify=verify,
+        rtol=rtol,
+        atol=atol,
+        seed=seed,
+        dump_ir=dump_ir,
+    )
+    manager.resolved_pipeline()  # a bad pipeline fails before the model is read
+    loaded = load_model(model)
+    result = manager.run(loaded)
+    save_model(result.model, output, source=model, in_place=in_place)
+    if as_json:
+        _print_json({"output": str(output), **result.report.to_dict()})
+    else:
+        _render.pipeline_report(result.report, output, explain=explain)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET",
+              help="A bundled target (see `passes targets`), NAME:cpu, or a path to a TOML.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
+              help="Artifacts go to OUTPUT/<target>/.")
+@_shape_option
+@click.option("-p", "--pipeline", default=None, help="Override the target's pass pipeline.")
+@click.option("-q", "--quantize", type=click.Choice(["auto", "none", "w8a8-dynamic", "w8a8-static", "w8a16"]),
+              default="auto", show_default=True, help="INT8 scheme; auto = the target's preference.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="An .npz of inputs by name for static W8A8 (else generated inputs, reported as such).")
+@click.option("--tuning", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Build with the best schedules of a `passes tune` session folder.")
+@_json_option
+@_debug_option
+def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipeline: str | None,
+        quantize: str, calibration: Path | None, tuning: Path | None, as_json: bool) -> None:
+    """Rewrite MODEL for a target, quantize, lower it through TVM, build, write artifacts and a report."""
+    from passes.cli import _render
+    from passes.deploy.run import run_for_target
+
+    report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline,
+                            quantize=quantize, calibration=calibration, tuning=tuning)  # type: ignore[arg-type]
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _render.run_report(report)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET",
+              help="A bundled target (see `passes targets`), NAME:cpu, or a path to a TOML.")
+@click.option("-s", "--session", type=click.Path(path_type=Path), required=True, metavar="DIR",
+              help="Session folder: created, or resumed from its records.")
+@click.option("-n", "--trials", type=click.IntRange(min=0), default=64, show_default=True,
+              help="New measurements in this run, spread over the kernels by FLOPs share.")
+@_shape_option
+@click.option("-q", "--quantize", type=click.Choice(["auto", "none", "w8a8-dynamic", "w8a8-static", "w8a16"]),
+              default="auto", show_default=True, help="INT8 scheme, as for `passes run`.")
+@click.option("--tracker", default=None, metavar="HOST:PORT",
+              help="Measure on devices registered with this TVM RPC tracker (no authentication: trusted networks only).")
+@click.option("--key", default=None, help="Device key the RPC servers registered with (with --tracker).")
+@click.option("--builders", type=click.IntRange(min=1), default=None, help="Build worker processes.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Candidates per search round.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search.")
+@click.option("--int8-only", is_flag=True, help="Tune only the INT8 kernels (passes.kernels), not the other fused kernels.")
+@_json_option
+@_debug_option
+def tune(model: Path, target_spec: str, session: Path, trials: int, shapes: Sequence[str], quantize: str,
+         tracker: str | None, key: str | None, builders: int | None, batch: int, seed: int, int8_only: bool,
+         as_json: bool) -> None:
+    """Autotune the kernels of MODEL for a target; resumable: run it again to go on from the records."""
+    from passes.cli import _render_tune
+    from passes.tuning import SearchConfig, Tracker, TuneOptions
+    from passes.tuning import tune as tune_session
+
+    if key is not None and tracker is None:
+        raise click.UsageError("--key needs --tracker HOST:PORT")
+    options = TuneOptions(trials=trials, tracker=Tracker.parse(tracker, key) if tracker else None,
+                          search=SearchConfig(batch=batch, seed=seed), int8_only=int8_only,
+                          **({"builders": builders} if builders else {}))
+    with _render_tune.TuneProgress() if not as_json else contextlib.nullcontext() as display:
+        report = tune_session(model, target_spec, session, options, input_shapes=_parse_shapes(shapes),
+                              quantize=quantize, on_start=display.start if display else None,
+                              on_progress=display.update if display else None)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _render_tune.tune_report(report)
+
+
+@cli.command(name="list")
+@_json_option
+@_debug_option
+def list_passes(as_json: bool) -> None:
+    """List the registered passes, their options and the named pipelines."""
+    from passes.cli import _render
+    from passes.infra.pipeline import NAMED_PIPELINES
+    from passes.infra.registry import default_registry
+
+    passes = default_registry().all()
+    if as_json:
+        _print_json(
+            {
+                "passes": {
+                    name: {"summary": cls.summary(), "options": [vars(o) for o in cls.options()]}
+                    for name, cls in passes.items()
+                },
+                "pipelines": dict(NAMED_PIPELINES),
+            }
+        )
+    else:
+        _render.pass_list(passes, NAMED_PIPELINES)
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@_shape_option
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@_json_option
+@_debug_option
+def verify(
+    reference: Path, candidate: Path, shapes: Sequence[str], rtol: float, atol: float, seed: int, as_json: bool
+) -> None:
+    """Run REFERENCE and CANDIDATE on the same seeded inputs; exit 1 if any output differs."""
+    from passes.cli import _render
+    from passes.core.io import load_model
+    from passes.numerics.verify import compare_models
+
+    input_shapes = _parse_shapes(shapes)
+    comparison = compare_models(
+        load_model(reference), load_model(candidate), input_shapes=input_shapes, seed=seed, rtol=rtol, atol=atol
+    )
+    if as_json:
+        _print_json(comparison.to_dict())
+    else:
+        _render.comparison(comparison, reference, candidate)
+    if not comparison.ok:
+        sys.exit(EXIT_MISMATCH)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@_json_option
+@_debug_option
+def inspect(model: Path, as_json: bool) -> None:
+    """Summarise MODEL: ops, parameters, weight bytes per precision, dynamic dims, opsets."""
+    from passes.cli import _render
+    from passes.core.io import load_model_with_info
+    from passes.deploy.summary import summarize
+
+    loaded = load_model_with_info(model)
+    summary = summarize(loaded.model, model, external_data_files=loaded.external_data_files)
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        _render.model_summary(summary)
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(SAMPLE_NAMES))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the model.")
+@click.option("--idiom", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
+              help="Which exporter's graph idioms to reproduce.")
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--hidden", type=int, default=64, show_default=True)
+@click.option("--heads", type=int, default=4, show_default=True)
+@click.option("--vocab", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_debug_option
+def sample(
+    name: str, output: Path, idiom: str, layers: int, hidden: int, heads: int, vocab: int, seed: int
+) -> None:
+    """Write a bundled sample model (built locally, random weights; no download)."""
+    from passes.core.io import save_model
+    from passes.samples import build_sample
+
+    model = build_sample(name, idiom=idiom, layers=layers, hidden=hidden, heads=heads, vocab=vocab, seed=seed)  # type: ignore[arg-type]
+    save_model(model, output)
+    click.echo(f"wrote {output} ({name}, {idiom}, {layers} layers, {len(model.graph.node)} nodes)")
+
+
+@cli.group(invoke_without_command=True)
+@_json_option
+@click.pass_context
+@_debug_option
+def targets(ctx: click.Context, as_json: bool) -> None:
+    """List the bundled targets; `targets show NAME` describes one (NAME may be a .toml path)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from passes.cli import _render
+    from passes.targets import list_targets, load_target
+
+    loaded = [load_target(name) for name in list_targets()]
+    if as_json:
+        _print_json({"targets": [target.to_dict() for target in loaded]})
+    else:
+        _render.target_table(loaded)
+
+
+@targets.command(name="show")
+@click.argument("name")
+@_json_option
+@_debug_option
+def show_target(name: str, as_json: bool) -> None:
+    """Describe target NAME ("sd8gen2", "sd8gen2:cpu" or path/to/mine.toml): figures, sources, capabilities."""
+    from passes.cli import _render
+    from passes.targets import load_target
+
+    target = load_target(name)
+    if as_json:
+        _print_json(target.to_dict())
+    else:
+        _render.target_details(target)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: run the CLI, turning library errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="passes", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code or 0)
+    except click.ClickException as err:  # usage mistakes: one line too, with where to look
+        if debug:
+            raise
+        hint = ""
+        if isinstance(err, click.UsageError) and err.ctx is not None:
+            hint = f" (see '{err.ctx.command_path} --help')"
+        click.echo(f"error: {err.format_message()}{hint}", err=True)
+        return err.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except PassesError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}", err=True)
+        return EXIT_USER_ERROR
+    except SystemExit as done:
+        return int(done.code or 0) if not isinstance(done.code, str) else EXIT_USER_ERROR
+    except Exception as err:
+        if debug:
+            raise
+        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

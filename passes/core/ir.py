@@ -1,0 +1,368 @@
+"""Thin helpers over the onnx-graphsurgeon `Graph`, the mutable IR every pass rewrites.
+
+A model is converted to a `gs.Graph` once per pipeline (`import_graph`) and back once at the end
+(`export_model`); passes mutate the graph in place. Helpers here are the few queries every pass needs:
+opset versions, op histograms, producer/consumer lookups, node removal that keeps the use lists
+consistent, and a cheap structural fingerprint for contract checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import SparseValues
+
+from passes.core._fingerprint import fingerprint, node_count  # noqa: F401 (part of ir's surface)
+
+
+logger = logging.getLogger(__name__)
+
+Graph = gs.Graph
+Node = gs.Node
+Tensor = gs.Tensor
+Constant = gs.Constant
+Variable = gs.Variable
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Graph:
+    """Convert a model to a graphsurgeon graph and annotate it with ONNX shape inference.
+
+    Inference runs on a copy of the model without its large weights, so it costs the same for a
+    100 KB and a 10 GB model and never hits protobuf's 2 GB limit. The model is not modified.
+    """
+    graph = gs.import_onnx(model)
+    graph._passes_model_meta = _model_meta(model)  # carried through to export_model
+    if len(graph.nodes) == len(model.graph.node):  # the model's own NodeProtos serve later skeletons
+        cache = graph.__dict__.setdefault("_passes_node_protos", {})
+        for node, proto in zip(graph.nodes, model.graph.node):
+            if node.op == proto.op_type and not any(True for _ in subgraphs(node)):
+                cache[id(node)] = (_node_key(node), node, proto)
+    if infer_shapes:
+        _infer_into(graph, model_skeleton(model))
+    return graph
+
+
+def export_model(graph: gs.Graph) -> onnx.ModelProto:
+    """Convert a graph back to a model, restoring the model-level fields graphsurgeon drops."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    meta: onnx.ModelProto | None = getattr(graph, "_passes_model_meta", None)
+    if meta is not None:
+        model.ir_version = meta.ir_version or model.ir_version
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            if meta.HasField(field) and not model.HasField(field):
+                setattr(model, field, getattr(meta, field))
+        del model.metadata_props[:]
+        model.metadata_props.extend(meta.metadata_props)
+    return model
+
+
+def _model_meta(model: onnx.ModelProto) -> onnx.ModelProto:
+    meta = onnx.ModelProto()
+    meta.ir_version = model.ir_version
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if model.HasField(field):
+            setattr(meta, field, getattr(model, field))
+    meta.metadata_props.extend(model.metadata_props)
+    return meta
+
+
+def as_np_dtype(dtype: object) -> np.dtype:
+    """A numpy dtype from what graphsurgeon stores: a numpy type, or an ONNX enum for types numpy
+    lacks (bfloat16, float8) which maps to ml_dtypes' numpy types."""
+    if isinstance(dtype, (int, np.integer)):
+        return onnx.helper.tensor_dtype_to_np_dtype(int(dtype))
+    return np.dtype(dtype)  # type: ignore[arg-type]
+
+
+def elem_type(tensor: gs.Tensor) -> int | None:
+    """The ONNX element type (TensorProto enum) of a tensor, constants included; None when unknown.
+    graphsurgeon keeps types numpy lacks (bfloat16, float8) as the enum itself."""
+    dtype = tensor.dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, (int, np.integer)):
+        return int(dtype)
+    try:
+        return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def opset_version(graph: gs.Graph | onnx.ModelProto, domain: str = "") -> int:
+    """The graph's opset for `domain` ("" and "ai.onnx" are the same), or 0 when not imported."""
+    if isinstance(graph, onnx.ModelProto):
+        for entry in graph.opset_import:
+            if entry.domain == domain or (domain in DEFAULT_DOMAINS and entry.domain in DEFAULT_DOMAINS):
+                return entry.version
+        return 0
+    if domain in DEFAULT_DOMAINS:
+        return int(graph.opset or 0)
+    for entry in getattr(graph, "import_domains", None) or ():
+        if entry.domain == domain:
+            return entry.version
+    return 0
+
+
+def set_opset_version(graph: gs.Graph, version: int) -> None:
+    """Set the graph's default-domain opset (graphsurgeon exports `import_domains` when it is set,
+    so both must change)."""
+    graph.opset = version
+    if getattr(graph, "import_domains", None):
+        graph.import_domains = [
+            onnx.helper.make_opsetid(e.domain, version) if e.domain in DEFAULT_DOMAINS else e
+            for e in graph.import_domains
+        ]
+
+
+def op_histogram(graph: gs.Graph | onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count for the top-level graph, most frequent first (domain-qualified if custom)."""
+    if isinstance(graph, onnx.ModelProto):
+        ops: Iterable[str] = (_qualified(n.domain, n.op_type) for n in graph.graph.node)
+    else:
+        ops = (_qualified(n.domain, n.op) for n in graph.nodes)
+    return dict(Counter(ops).most_common())
+
+
+def _qualified(domain: str | None, op: str) -> str:
+    return op if not domain or domain in DEFAULT_DOMAINS else f"{domain}.{op}"
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    return not node.domain or node.domain in DEFAULT_DOMAINS
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that produces `tensor`, or None for graph inputs and constants."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant-node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and is_default_domain(node) and "value" in node.attrs:
+        value = node.attrs["value"]
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
+    """Graph-valued attributes of a node (If branches, Loop/Scan bodies)."""
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, gs.Graph))
+
+
+def outer_scope_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """Tensors of enclosing graphs that a node's subgraphs read (implicit inputs)."""
+    found: dict[int, gs.Tensor] = {}
+    for sub in subgraphs(node):
+        local: set[int] = {id(t) for t in sub.inputs}
+        for inner in sub.nodes:
+            local.update(id(t) for t in inner.outputs)
+        for inner in sub.nodes:
+            candidates = list(inner.inputs) + outer_scope_inputs(inner)
+            for tensor in candidates:
+                if id(tensor) not in local and not (isinstance(tensor, gs.Constant) and tensor.name == ""):
+                    found.setdefault(id(tensor), tensor)
+        for out in sub.outputs:
+            if id(out) not in local:
+                found.setdefault(id(out), out)
+    return list(found.values())
+
+
+def detach_node(node: gs.Node) -> None:
+    """Disconnect a node from its tensors so use lists stay exact (removal from graph.nodes is separate).
+
+    graphsurgeon's own list sync finds the node to unlink by equality, which is slow (Node.__eq__
+    compares whole nodes) and can unlink an *equal* twin; this works by identity.
+    """
+    for tensor in node.inputs:
+        _remove_by_identity(tensor.outputs, node)
+    for tensor in node.outputs:
+        _remove_by_identity(tensor.inputs, node)
+    list.clear(node.inputs)
+    list.clear(node.outputs)
+
+
+def remove_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> None:
+    """Detach `nodes` and drop them from the graph's node list, in one sweep of the list."""
+    if not nodes:
+        return
+    for node in nodes:
+        detach_node(node)
+    gone = {id(n) for n in nodes}
+    graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+
+
+def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """node.inputs[index] = tensor, keeping both tensors' consumer lists exact (by identity)."""
+    _remove_by_identity(node.inputs[index].outputs, node)
+    list.__setitem__(node.inputs, index, tensor)
+    list.append(tensor.outputs, node)
+
+
+def set_output(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """node.outputs[index] = tensor, keeping both tensors' producer lists exact (by identity)."""
+    _remove_by_identity(node.outputs[index].inputs, node)
+    list.__setitem__(node.outputs, index, tensor)
+    list.append(tensor.inputs, node)
+
+
+def _remove_by_identity(items: list[object], item: object) -> None:
+    for index, candidate in enumerate(items):
+        if candidate is item:
+            list.__delitem__(items, index)
+            return
+
+
+def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Point every consumer of `old` at `new` (graph outputs are not consumers: see `graph_outputs`)."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                set_input(consumer, index, new)
+
+
+def graph_output_ids(graph: gs.Graph) -> set[int]:
+    return {id(t) for t in graph.outputs}
+
+
+_INFERENCE_INLINE_BYTES = 64 * 1024
+
+
+def refresh_shapes(graph: gs.Graph) -> int:
+    """Re-run ONNX shape inference (with data propagation) and write the results into the graph.
+
+    Inference sees the graph without the bytes of its large constants (they become typed inputs),
+    so this costs the same at any model size. Returns how many tensors got a new shape or dtype.
+    """
+    return _infer_into(graph, _graph_skeleton(graph))
+
+
+def _infer_into(graph: gs.Graph, skeleton: onnx.ModelProto) -> int:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as err:
+        logger.warning("shape inference failed, continuing without it: %s", str(err).splitlines()[0])
+        return 0
+    tensors = graph.tensors()
+    changed = 0
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = tensors.get(info.name)
+        if tensor is None or isinstance(tensor, gs.Constant) or not info.type.HasField("tensor_type"):
+            continue
+        changed += _apply_value_info(tensor, info.type.tensor_type)
+    return changed
+
+
+def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without large initializer bytes: those become typed graph inputs."""
+    skeleton = _empty_like(model.ir_version, model.opset_import, model.functions, model.graph.name)
+    graph = skeleton.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for init in model.graph.initializer:
+        if init.ByteSize() > _INFERENCE_INLINE_BYTES:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            graph.initializer.append(init)
+    return skeleton
+
+
+def _graph_skeleton(graph: gs.Graph) -> onnx.ModelProto:
+    """Export the graph for shape inference: nodes, inputs, outputs and small constants only."""
+    meta = getattr(graph, "_passes_model_meta", None)
+    opsets = [onnx.helper.make_opsetid("", int(graph.opset))]
+    opsets += [e for e in getattr(graph, "import_domains", None) or () if e.domain not in DEFAULT_DOMAINS]
+    skeleton = _empty_like(meta.ir_version if meta is not None else 8, opsets, [], graph.name or "graph")
+    out = skeleton.graph
+    cache = graph.__dict__.setdefault("_passes_node_protos", {})
+    out.node.extend(_exported_node(node, cache) for node in graph.nodes)
+    out.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    out.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
+            continue
+        values = tensor._values
+        dtype = as_np_dtype(values.dtype)
+        if int(np.prod(values.shape, dtype=np.int64)) * dtype.itemsize > _INFERENCE_INLINE_BYTES:
+            out.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, onnx.helper.np_dtype_to_tensor_dtype(dtype), list(values.shape)))
+        else:
+            out.initializer.append(OnnxExporter.export_tensor_proto(tensor))
+    return skeleton
+
+
+def check_graph(graph: gs.Graph) -> None:
+    """Run the ONNX checker on the graph's skeleton (large constants as typed inputs, so no weight
+    is copied): node, attribute, type and ordering rules; raises `onnx.checker.ValidationError`."""
+    onnx.checker.check_model(_graph_skeleton(graph))
+
+
+def _exported_node(node: gs.Node, cache: dict[int, tuple[object, gs.Node, onnx.NodeProto]]) -> onnx.NodeProto:
+    """graphsurgeon's NodeProto for `node`, reused while the node's op, name, tensor names and attribute
+    objects are unchanged (exporting every node again is most of what an export costs). Nodes with
+    subgraphs are always exported afresh; an attribute value mutated in place would go unseen."""
+    if any(True for _ in subgraphs(node)):
+        return OnnxExporter.export_node(node)
+    key = _node_key(node)
+    entry = cache.get(id(node))
+    if entry is not None and entry[1] is node and entry[0] == key:
+        return entry[2]
+    proto = OnnxExporter.export_node(node)
+    cache[id(node)] = (key, node, proto)
+    return proto
+
+
+def _node_key(node: gs.Node) -> tuple[object, ...]:
+    return (
+        node.op, node.domain, node.name,
+        tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs),
+        tuple((k, id(v)) for k, v in node.attrs.items()),
+    )
+
+
+def _empty_like(ir_version: int, opsets: Iterable[onnx.OperatorSetIdProto], functions: Iterable[onnx.FunctionProto],
+                name: str) -> onnx.ModelProto:
+    skeleton = onnx.ModelProto(ir_version=ir_version)
+    skeleton.opset_import.extend(opsets)
+    skeleton.functions.extend(functions)
+    skeleton.graph.name = name
+    return skeleton
+
+
+def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor) -> int:
+    changed = 0
+    if info.elem_type:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
+        if tensor.dtype is None or as_np_dtype(tensor.dtype) != dtype:
+            tensor.dtype = dtype
+            changed = 1
+    if info.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in info.shape.dim]
+        old = list(tensor.shape) if tensor.shape is not None else None
+        if old != shape and (old is None or _more_static(shape, old)):
+            tensor.shape = shape
+            changed = 1
+    return changed
+
+
+def _more_static(new: list[object], old: list[object]) -> bool:
+    """Accept an inferred shape only when it knows more than the graph does (a rank, or more fixed
+    dims): inference names unknown dims afresh (`unk__3`) on every run, and renaming them is no news."""
+    if len(new) != len(old):
+        return True
+    return sum(isinstance(d, int) for d in new) > sum(isinstance(d, (int, np.integer)) for d in old)

@@ -1,0 +1,213 @@
+"""`passes run`: rewrite a model with the target's pipeline, quantize its matmul weights to INT8 (the
+scheme the target prefers: W8A8 where it has int8 dot products, W8A16 on Apple GPUs), lower it through
+TVM, build, and write the artifacts and a report into `OUT/<target>/`.
+
+    result = run_for_target("graph.onnx", "sd8gen2", "out")   # -> RunReport (also out/sd8gen2/report.json)
+
+Dynamic input dims not bound by `input_shapes` are bound from the target's defaults (dims named like
+a batch get `defaults.batch`, every other symbolic dim `defaults.sequence`), and the report says which.
+The artifact folder is assembled in a temporary folder beside it and renamed into place, so a failed
+run never leaves half an output; the input model is never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from passes.core import ir
+from passes.core.errors import ModelSaveError, VerificationError
+from passes.core.io import save_model
+from passes.deploy.host_check import run_host_check
+from passes.deploy.roofline import estimate
+from passes.frontend.prepare import BoundDim, QuantizeChoice, prepare_model
+from passes.deploy.summary import summarize
+
+#: capability -> (op it covers, pass that removes the op when the target lacks it)
+CAPABILITY_OPS: Mapping[str, tuple[str, str]] = {
+    "layer_norm_op": ("LayerNormalization", "decompose-layer-norm"),
+    "rms_norm_op": ("RMSNormalization", "decompose-rms-norm"),
+    "gelu_op": ("Gelu", "decompose-gelu"),
+    "einsum": ("Einsum", "einsum-to-matmul"),
+}
+@dataclass
+class RunReport:
+    """Everything `passes run` did; `report.json` is `to_dict()`."""
+
+    target: str
+    model: str
+    output_dir: str
+    bound_dims: list[BoundDim]
+    pipeline_spec: str  # as given (--pipeline or the target's), before expansion
+    pipeline: dict[str, Any]
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    weight_bytes: dict[str, int]
+    parameters: int
+    roofline: dict[str, Any]
+    missing_ops: list[dict[str, str]]
+    build_seconds: float
+    artifacts: dict[str, str]  # name -> path relative to output_dir
+    host_check: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    tuning: dict[str, Any] | None = None
+    dispatched: dict[str, Any] = field(default_factory=dict)  # kernel family -> int8 matmuls and kernels
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_for_target(
+    model_path: str | os.PathLike[str],
+    target_spec: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    pipeline: str | None = None,
+    quantize: QuantizeChoice = "auto",
+    calibration: str | os.PathLike[str] | None = None,
+    tuning: str | os.PathLike[str] | None = None,
+) -> RunReport:
+    """Load, rewrite, quantize, lower, build and write artifacts for one target; return the report.
+    `tuning` is a `passes tune` session folder whose best schedules the build uses."""
+    from passes.targets import load_target
+
+    target = load_target(target_spec)
+    final_dir = Path(output_dir) / target.name.replace(":", "-")
+    _check_output_dir(final_dir, Path(model_path))
+    if tuning is not None:
+        from passes.tuning import load_session
+
+        tuning = load_session(tuning)
+    prepared = prepare_model(model_path, target, input_shapes=input_shapes, pipeline=pipeline, quantize=quantize,
+                             calibration=calibration)
+    shapes, bound, result = prepared.shapes, prepared.bound, prepared.result
+    optimized, quantization = prepared.model, prepared.quantization
+    tokens = int(np.prod(next(iter(shapes.values()), (1,))))  # batch x sequence of the first input
+    roofline = estimate(optimized, target, tokens=tokens)
+    summary = summarize(optimized)
+    report = RunReport(
+        target=target.name, model=str(model_path), output_dir=str(final_dir), bound_dims=bound,
+        pipeline_spec=pipeline or target.pipeline, pipeline=result.report.to_dict(), ops_before=result.report.ops_before, ops_after=result.report.ops_after,
+        weight_bytes=summary.weight_bytes, parameters=summary.parameters, roofline=roofline.to_dict(),
+        missing_ops=missing_ops(result.report.ops_before, result.report.ops_after, target),
+        build_seconds=0.0, artifacts={}, quantization=quantization,
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        _build_into(staging, optimized, target, report, shapes, tuning,
+                    float_model=result.model if quantization is not None else None)
+        _replace_dir(staging, final_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def missing_ops(before: Mapping[str, int], after: Mapping[str, int], target: Any) -> list[dict[str, str]]:
+    """Ops the model had that the target lacks, and what became of them."""
+    rows = []
+    for capability, (op, handler) in CAPABILITY_OPS.items():
+        if before.get(op) and not target.has(capability):
+            left = after.get(op, 0)
+            status = f"removed by {handler}" if not left else f"{left} left: add {handler} to the pipeline"
+            rows.append({"op": op, "capability": capability, "status": status})
+    return rows
+
+
+def _build_into(staging: Path, optimized: onnx.ModelProto, target: Any, report: RunReport,
+                shapes: Mapping[str, Sequence[int]], tuning: Any = None,
+                float_model: onnx.ModelProto | None = None) -> None:
+    from passes.lowering import build, lower, run_host, write_artifacts
+
+    started = time.perf_counter()
+    lowered = lower(optimized, target, tuning=tuning.memory if tuning is not None else None)
+    built = build(lowered, target)
+    report.build_seconds = time.perf_counter() - started
+    report.dispatched = {family: d.to_dict() for family, d in lowered.dispatched.items()}
+    if tuning is not None:
+        report.tuning = {"session": str(tuning.folder), "records": len(tuning),
+                         "kernels_tuned": len(lowered.tuned_kernels), "kernels": len(lowered.reference_kernels),
+                         "tuned": list(lowered.tuned_kernels)}
+        if not lowered.tuned_kernels:
+            report.notes.append(f"the tuning session {tuning.folder} has no records for this model's kernels "
+                                f"on {target.name}: the build uses the default schedules")
+    save_model(optimized, staging / "model.onnx")
+    written = {name: path.relative_to(staging) for name, path in write_artifacts(built, staging).items()}
+    written["model.onnx"] = Path("model.onnx")
+    if built.runs_here:
+        report.host_check = run_host_check(built, optimized, shapes, run_host, float_model)
+    else:
+        report.notes.append(
+            f"{target.name} is not this machine: the build is not run here"
+            + (" (its kernels are checked on PoCL by the test suite)" if target.backend == "opencl" else "")
+        )
+        report.notes.append("linking a loadable library needs the target's toolchain (Android NDK / Xcode): "
+                            "model.tar holds the objects")
+    manifest = _manifest(optimized, target, {name: staging / rel for name, rel in written.items()})
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    written["manifest.json"] = Path("manifest.json")
+    written["report.json"] = Path("report.json")
+    report.artifacts = {name: str(rel) for name, rel in sorted(written.items())}
+    (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+
+
+def _manifest(model: onnx.ModelProto, target: Any, files: Mapping[str, Path]) -> dict[str, Any]:
+    graph = ir.import_graph(model, infer_shapes=False)
+    return {
+        "target": target.name,
+        "inputs": [{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape or [])} for t in graph.inputs],
+        "outputs": [{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape or [])} for t in graph.outputs],
+        "versions": {name: _version(name) for name in ("passes", "onnx", "onnx-graphsurgeon", "apache-tvm",
+                                                       "apache-tvm-ffi", "onnxruntime", "numpy")}
+        | {"python": platform.python_version()},
+        "sha256": {name: _sha256(path) for name, path in sorted(files.items()) if path.is_file()},
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_output_dir(final_dir: Path, model_path: Path) -> None:
+    parent = final_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise ModelSaveError(f"{parent}: exists and is not a folder")
+    parent.mkdir(parents=True, exist_ok=True)
+    if model_path.resolve().parent == final_dir.resolve() or final_dir.resolve() in model_path.resolve().parents:
+        raise ModelSaveError(f"{final_dir}: the output folder holds the input model; choose another -o")
+
+
+def _replace_dir(staging: Path, final_dir: Path) -> None:
+    """Swap the new artifact folder in; the previous one is removed only after the new one is in place."""
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, old)
+    os.replace(staging, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

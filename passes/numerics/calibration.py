@@ -1,0 +1,167 @@
+"""Calibration: the value ranges of chosen intermediate tensors on representative inputs.
+
+    ranges = activation_ranges(model, ["x", "h"], feeds, percentile=99.99)   # {name: TensorRange}
+
+The model runs under onnxruntime (`passes.numerics.verify.run_model`, so onnx.reference where ORT lacks an
+op) as a *copy* with the tensors exposed as extra graph outputs; the caller's model is never modified.
+Estimators reduce every value seen for a tensor (over all feeds) to a [low, high] range:
+
+    min-max:     [min x, max x]
+    percentile:  [P_(100-p)(x), P_p(x)]                   (p = 100 is min-max)
+    entropy:     |x| clipped at the threshold T minimising KL(P || Q), P the 2048-bin histogram of |x|
+                 folded at T, Q its 128-level quantization (TensorRT's calibrator); [max(min x, -T), min(max x, T)]
+
+Calibration inputs come from an .npz holding one array per graph input (`load_calibration`), or are
+generated at the model's shapes with `passes.numerics.verify.random_feeds` (`generated_feeds`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from passes.core import ir
+from passes.core.errors import VerificationError
+from passes.numerics.verify import input_dims, random_feeds, run_model
+
+Feeds = Mapping[str, np.ndarray]
+Estimator = Literal["minmax", "percentile", "entropy"]
+
+#: random feeds generated when no calibration data is given, and the size given to dynamic dims.
+GENERATED_SAMPLES = 4
+GENERATED_DYNAMIC_DIM = 8
+#: percentile and entropy estimators look at most this many values per tensor (evenly strided).
+MAX_SAMPLED_VALUES = 1 << 21
+HISTOGRAM_BINS = 2048
+QUANTIZED_LEVELS = 128
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    low: float
+    high: float
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph also outputs `names` (types from shape inference; a name that
+    is already an output or a graph input is left as it is)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
+    wanted = [n for n in dict.fromkeys(names) if n not in present]
+    if not wanted:
+        return copy
+    inferred = onnx.shape_inference.infer_shapes(ir.model_skeleton(model))
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    produced = {out for node in copy.graph.node for out in node.output}
+    for name in wanted:
+        if name not in produced:
+            raise VerificationError(f"tensor '{name}' is not produced by any node of the model")
+        copy.graph.output.append(helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None))
+    return copy
+
+
+def collect_tensors(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feeds]) -> dict[str, list[np.ndarray]]:
+    """The values of `names` (intermediate tensors, graph outputs or inputs) on each of `feeds`."""
+    exposed = with_outputs(model, names)
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feed in feeds:
+        values = {**dict(feed), **run_model(exposed, feed)}
+        for name in names:
+            collected[name].append(np.asarray(values[name]))
+    return collected
+
+
+def activation_ranges(
+    model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feeds], *, percentile: float = 100.0,
+    estimator: Estimator | None = None,
+) -> dict[str, TensorRange]:
+    """The range of each tensor in `names` over `feeds`: min-max at percentile 100, else the
+    percentile estimator (or `estimator` when given)."""
+    if not feeds:
+        raise VerificationError("calibration needs at least one set of inputs")
+    method = estimator or ("minmax" if percentile >= 100.0 else "percentile")
+    collected = collect_tensors(model, names, feeds)
+    ranges = {}
+    for name, arrays in collected.items():
+        values = np.concatenate([a.reshape(-1).astype(np.float64) for a in arrays])
+        ranges[name] = estimate_range(values, method, percentile)
+    return ranges
+
+
+def estimate_range(values: np.ndarray, estimator: Estimator, percentile: float = 100.0) -> TensorRange:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return TensorRange(0.0, 0.0)
+    low, high = float(finite.min()), float(finite.max())
+    if estimator == "minmax":
+        return TensorRange(low, high)
+    sampled = finite[:: max(1, finite.size // MAX_SAMPLED_VALUES)]
+    if estimator == "percentile":
+        return TensorRange(float(np.percentile(sampled, 100.0 - percentile)), float(np.percentile(sampled, percentile)))
+    threshold = entropy_threshold(np.abs(sampled))
+    return TensorRange(max(low, -threshold), min(high, threshold))
+
+
+def entropy_threshold(magnitudes: np.ndarray, bins: int = HISTOGRAM_BINS, levels: int = QUANTIZED_LEVELS) -> float:
+    """The clipping threshold of |x| with the least KL divergence between the clipped histogram and
+    its `levels`-level quantization."""
+    peak = float(magnitudes.max(initial=0.0))
+    if peak == 0.0:
+        return 0.0
+    histogram, edges = np.histogram(magnitudes, bins=bins, range=(0.0, peak))
+    histogram = histogram.astype(np.float64)
+    best, best_divergence = bins, np.inf
+    for cut in range(levels, bins + 1, max(1, (bins - levels) // 128)):
+        reference = histogram[:cut].copy()
+        reference[-1] += histogram[cut:].sum()
+        divergence = _kl_divergence(reference, _quantized(histogram[:cut], levels))
+        if divergence < best_divergence:
+            best, best_divergence = cut, divergence
+    return float(edges[best])
+
+
+def _quantized(histogram: np.ndarray, levels: int) -> np.ndarray:
+    """`histogram` merged into `levels` groups and spread back evenly over each group's non-empty bins."""
+    groups = np.array_split(np.arange(histogram.size), levels)
+    expanded = np.zeros_like(histogram)
+    for group in groups:
+        nonzero = histogram[group] > 0
+        if nonzero.any():
+            expanded[group[nonzero]] = histogram[group].sum() / nonzero.sum()
+    return expanded
+
+
+def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    p, q = p / max(p.sum(), 1e-30), q / max(q.sum(), 1e-30)
+    mask = p > 0
+    if np.any(q[mask] == 0):
+        return np.inf
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    """One set of inputs from an .npz holding an array per graph input (by name)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {key: np.asarray(data[key]) for key in data.files}
+    except (OSError, ValueError) as err:
+        raise VerificationError(f"cannot read calibration data {str(path)!r}: {err}") from err
+    expected = set(input_dims(model))
+    if set(feeds) != expected:
+        raise VerificationError(f"calibration data {str(path)!r} holds {sorted(feeds)}; the model's inputs "
+                                f"are {sorted(expected)}")
+    return [feeds]
+
+
+def generated_feeds(model: onnx.ModelProto, count: int = GENERATED_SAMPLES,
+                    dynamic_dim: int = GENERATED_DYNAMIC_DIM) -> list[dict[str, np.ndarray]]:
+    """`count` seeded random input sets at the model's static dims, dynamic dims set to `dynamic_dim`."""
+    shapes = input_dims(model, dynamic_dim=dynamic_dim)
+    return [random_feeds(model, seed, input_shapes=shapes) for seed in range(count)]

@@ -123,6 +123,8 @@ class Schedule(_Section):
     max_work_group: Count | None = None
     gemm: KernelTiles
     gemv: KernelTiles
+    #: CPU (llvm) targets: the float matmul register tile and the vector width of the default schedules
+    float_gemm: KernelTiles | None = None
     source: Source
 
 

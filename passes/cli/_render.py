@@ -289,7 +289,8 @@ def run_report(report: RunReport) -> None:
         worst = max((o["max_abs_error"] for o in check["outputs"]), default=0.0)
         if check.get("criterion") == "allclose":
             console.print(f"host build vs the exact reference: [green]equal[/green] (max abs error {worst:.3g}, "
-                          f"rtol={check['rtol']:g}, atol={check['atol']:g} x max |output|)")
+                          f"rtol={check['rtol']:g}, atol={check['atol']:g} x max |output|; "
+                          f"{check.get('threads', '?')} threads)")
         else:
             figures = ", ".join(f"{name} {v['build_db']:.1f} dB vs {v['reference_db']:.1f} dB"
                                 for name, v in check["sqnr"].items())

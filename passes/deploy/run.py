@@ -132,6 +132,7 @@ def _build_into(staging: Path, optimized: onnx.ModelProto, target: Any, report: 
                 shapes: Mapping[str, Sequence[int]], tuning: Any = None,
                 float_model: onnx.ModelProto | None = None) -> None:
     from passes.lowering import build, lower, run_host, write_artifacts
+    from passes.lowering._build import host_threads
 
     started = time.perf_counter()
     lowered = lower(optimized, target, tuning=tuning.memory if tuning is not None else None)
@@ -150,6 +151,7 @@ def _build_into(staging: Path, optimized: onnx.ModelProto, target: Any, report: 
     written["model.onnx"] = Path("model.onnx")
     if built.runs_here:
         report.host_check = run_host_check(built, optimized, shapes, run_host, float_model)
+        report.host_check["threads"] = host_threads()
     else:
         report.notes.append(
             f"{target.name} is not this machine: the build is not run here"

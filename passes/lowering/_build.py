@@ -130,6 +130,7 @@ def run_host(built: BuiltModel, feeds: Mapping[str, np.ndarray]) -> dict[str, np
     if unknown:
         raise LoweringError(f"feeds name unknown inputs {unknown}; the model's inputs are "
                             f"{[spec.name for spec in built.lowered.inputs]}")
+    host_threads()
     machine = relax.VirtualMachine(built.executable, tvm.cpu())
     try:
         result = machine["main"](*arguments)
@@ -137,6 +138,15 @@ def run_host(built: BuiltModel, feeds: Mapping[str, np.ndarray]) -> dict[str, np
         raise LoweringError(f"running the host build failed: {last_line(err)}") from err
     values = list(result) if isinstance(result, (tvm_ffi.Array, list, tuple)) else [result]
     return {spec.name: value.numpy() for spec, value in zip(built.lowered.outputs, values)}
+
+
+def host_threads() -> int:
+    """The threads TVM's runtime runs host kernels on: all of this machine's cores unless the user set
+    `TVM_NUM_THREADS` (TVM's own default is one). The pool reads the variable once, when it first starts,
+    so this is called before any host kernel runs; returns the count the pool has."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(os.cpu_count() or 1)
+    return int(tvm.get_global_func("runtime.NumThreads")())
 
 
 def _feed(spec: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -3,8 +3,8 @@
 GPU targets (OpenCL Adreno and Mali, Metal) get dlight's generic GPU rules in the order TVM's own GPU
 pipeline uses: Matmul, GEMV, Reduction, GeneralReduction, Fallback. TVM's Adreno pipeline leaves Matmul
 and GEMV out (it relies on texture conv kernels), so they are named here explicitly for every OpenCL
-device; Metal takes the same list. CPU (llvm) targets keep TVM's default CPU pipeline: legalized,
-fused, unscheduled loops.
+device; Metal takes the same list. CPU (llvm) targets get `_cpu_rules` (register-tiled matmuls,
+parallel and vectorised loops for the rest), tiles from `schedule.float_gemm`.
 
 Numbers come from the target description (see `_rules`): the matmul tiling from `schedule.gemm`,
 shared memory from `gpu.dedicated_local_memory`, and one work-group limit, the smallest of
@@ -20,6 +20,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.s_tir import dlight as dl
 
+from passes.lowering._cpu_rules import CpuLoops, CpuMatmul
 from passes.lowering._errors import LoweringError
 from passes.lowering._rules import (
     CappedGeneralReduction,
@@ -57,9 +58,9 @@ def prim_funcs(module: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
 
 
 def schedule(module: tvm.IRModule, target: Any, tvm_target: tvm.target.Target) -> tvm.IRModule:
-    """A scheduled copy of `module` (GPU: dlight rules; CPU: unchanged). The input is left as it was."""
+    """A scheduled copy of `module` (GPU: dlight rules; CPU: `_cpu_rules`). The input is left as it was."""
     if target.device != "gpu":
-        return module
+        return _schedule_cpu(module, target, tvm_target)
     copy = tvm.IRModule(dict(module.functions_items()), attrs=module.attrs)  # ApplyDefaultSchedule edits in place
     with tvm_target:
         scheduled = dl.ApplyDefaultSchedule(*gpu_rules(target, tvm_target))(copy)
@@ -68,6 +69,24 @@ def schedule(module: tvm.IRModule, target: Any, tvm_target: tvm.target.Target) -
         raise LoweringError(f"no dlight rule could schedule {', '.join(unscheduled)} for target {target.name!r}; "
                             f"these kernels would have no thread bindings")
     return scheduled
+
+
+def _schedule_cpu(module: tvm.IRModule, target: Any, tvm_target: tvm.target.Target) -> tvm.IRModule:
+    rules = cpu_rules(target)
+    if not rules:
+        return module
+    copy = tvm.IRModule(dict(module.functions_items()), attrs=module.attrs)
+    with tvm_target:
+        return dl.ApplyDefaultSchedule(*rules)(copy)
+
+
+def cpu_rules(target: Any) -> list[dl.ScheduleRule]:
+    """The default CPU schedules (`_cpu_rules`), configured from the target's `schedule.float_gemm`;
+    none for a description that states no float tile (its kernels stay TVM's unscheduled loops)."""
+    tiles = getattr(getattr(target, "schedule", None), "float_gemm", None)
+    if tiles is None:
+        return []
+    return [CpuMatmul(tiles), CpuLoops(tiles.vector_width)]
 
 
 def gpu_rules(target: Any, tvm_target: tvm.target.Target) -> list[dl.ScheduleRule]:

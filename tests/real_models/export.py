@@ -125,11 +125,25 @@ def cached_path(arch: str, exporter: Exporter, cache_dir: Path) -> Path:
     return Path(cache_dir) / f"{arch}-{exporter}-{label}-{digest}.onnx"
 
 
+#: larger exports for the benchmarks (`bench/e2e.py`), not run by the tests: a Llama at the sample
+#: decoder's realistic width (hidden 1024, 4 layers, GQA 16 / 4 heads)
+BENCH_ARCHS: Mapping[str, ArchSpec] = MappingProxyType(
+    {
+        "llama-1024": ArchSpec("LlamaConfig", "LlamaForCausalLM",
+                               {**_DECODER_SIZES, "hidden_size": 1024, "intermediate_size": 2736,
+                                "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4,
+                                "max_position_embeddings": 256},
+                               ("input_ids",), "logits", forward_kwargs={"use_cache": False}),
+    }
+)
+
+
 def _spec(arch: str) -> ArchSpec:
+    known = {**ARCHS, **BENCH_ARCHS}
     try:
-        return ARCHS[arch]
+        return known[arch]
     except KeyError:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}") from None
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(known)}") from None
 
 
 def _version(distribution: str) -> str:

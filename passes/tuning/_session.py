@@ -127,7 +127,7 @@ def tune(model_path: str | os.PathLike[str], target_spec: str | os.PathLike[str]
     tvm_target = tuning_target(lowered.tvm_target, target, options.tracker)
     measure = _measurer(target, tvm_target, options, servers)
     session = _Session.load(folder)
-    _measure_baselines(states, lowered, measure, session, database, tvm_target)
+    _measure_baselines(states, lowered, measure, session, database, tvm_target, target)
     if on_start:
         on_start(states)
     _search_all(states, tvm_target, database, measure, options, on_progress or (lambda _: None))
@@ -211,7 +211,8 @@ def _measurer(target: Any, tvm_target: tvm.target.Target, options: TuneOptions,
 
 
 def _measure_baselines(states: list[TaskState], lowered: Any, measure: Callable[[list[Any]], list[Any]],
-                       session: _Session, database: SessionDatabase, tvm_target: tvm.target.Target) -> None:
+                       session: _Session, database: SessionDatabase, tvm_target: tvm.target.Target,
+                       target: Any) -> None:
     """Time each task's untuned kernel once per session. On CPUs the untuned schedule is stored as a
     record too, so a record is only ever applied when it beats what the build had without it."""
     from tvm import s_tir
@@ -223,7 +224,7 @@ def _measure_baselines(states: list[TaskState], lowered: Any, measure: Callable[
     schedules = []
     for state in missing:
         if lowered.device == "cpu":
-            schedules.append(default_schedule(state.task))
+            schedules.append(default_schedule(state.task, target, lowered.tvm_target))
         else:  # a GPU kernel as the target's default rules scheduled it (no trace to store)
             schedules.append(s_tir.Schedule(lowered.kernels[state.task.name].with_attr("global_symbol", "main")))
     candidates = [ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod)) for sch in schedules]

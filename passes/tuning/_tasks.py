@@ -45,11 +45,12 @@ class TuningTask:
         return self.space in KERNEL_SPACES
 
 
-def default_schedule(task: TuningTask) -> Any:
+def default_schedule(task: TuningTask, target: Any = None, tvm_target: tvm.target.Target | None = None) -> Any:
     """The schedule the build uses for `task` without records, as a Schedule of its workload (so it can
-    be stored as a record): the kernel's default tiles, or the fused function as TVM's CPU pipeline
-    leaves it (no schedule; its root block is annotated `passes.untuned`, because MetaSchedule's
-    databases ignore records with an empty trace)."""
+    be stored as a record and a tuned record is applied only when it beats it): the INT8 kernel's default
+    tiles; else the default CPU schedule of `target` (`passes.lowering._cpu_rules`); else the fused
+    function as TVM's CPU pipeline leaves it (no schedule; its root block is annotated `passes.untuned`,
+    because MetaSchedule's databases ignore records with an empty trace)."""
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
@@ -58,6 +59,14 @@ def default_schedule(task: TuningTask) -> Any:
         isa = x86_int8.isa_named(task.space)
         rows = int(ms.arg_info.ArgInfo.from_prim_func(func)[0].shape[0])  # A[M, K]
         return x86_int8.schedule_gemm(isa, func, x86_int8.default_tiles(isa, rows))
+    if target is not None and tvm_target is not None:
+        from passes.lowering._schedule import cpu_rules
+
+        with tvm_target:
+            for rule in cpu_rules(target):
+                scheduled = rule.apply(func, tvm_target, False)
+                if scheduled is not None:
+                    return scheduled
     sch = s_tir.Schedule(task.workload)
     sch.annotate(sch.get_sblock("root"), "passes.untuned", 1)
     return sch

@@ -38,19 +38,7 @@ def _vnni_functions(isa: X86Isa) -> tuple[PrimFunc, PrimFunc]:
     lanes, depth, llvm = isa.lanes, isa.depth, isa.llvm_intrinsic
     width = lanes * depth
 
-    @T.prim_func(s_tir=True)
-    def desc(
-        a: T.Buffer((depth,), "uint8", offset_factor=1),
-        b: T.Buffer((lanes, depth), "int8", offset_factor=1),
-        c: T.Buffer((lanes,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:depth], b[0:lanes, 0:depth])
-            T.writes(c[0:lanes])
-            for i, k in T.grid(lanes, depth):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+    desc = _description(lanes, depth, "uint8")
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -82,19 +70,7 @@ def _pmaddwd_functions(isa: X86Isa) -> tuple[PrimFunc, PrimFunc]:
     lanes, depth, llvm = isa.lanes, isa.depth, isa.llvm_intrinsic
     width = lanes * depth
 
-    @T.prim_func(s_tir=True)
-    def desc(
-        a: T.Buffer((depth,), "int16", offset_factor=1),
-        b: T.Buffer((lanes, depth), "int8", offset_factor=1),
-        c: T.Buffer((lanes,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:depth], b[0:lanes, 0:depth])
-            T.writes(c[0:lanes])
-            for i, k in T.grid(lanes, depth):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+    desc = _description(lanes, depth, "int16")
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -113,3 +89,24 @@ def _pmaddwd_functions(isa: X86Isa) -> tuple[PrimFunc, PrimFunc]:
             )
 
     return desc, impl
+
+
+def _description(lanes: int, depth: int, a_dtype: str) -> PrimFunc:
+    """What every intrinsic computes: C[lanes] += sum_{k < depth} A[k] * B[lanes, k] in int32."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        a: T.Buffer((depth,), a_dtype, offset_factor=1),
+        b: T.Buffer((lanes, depth), "int8", offset_factor=1),
+        c: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:depth], b[0:lanes, 0:depth])
+            T.writes(c[0:lanes])
+            for i, k in T.grid(lanes, depth):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    return desc

@@ -1,6 +1,6 @@
 """AArch64 W8A8 GEMM: `sdot` (dotprod) and `smmla` (i8mm) tensor intrinsics, weight packing, schedules.
 
-Both instructions are signed x signed, so no +128 shift is needed (unlike `x86_vnni`):
+Both instructions are signed x signed, so no +128 shift is needed (unlike x86's `vpdpbusd` in `x86_int8`):
 
     sdot  (4x4):  C[4]    += sum_{k<4} A[k] * B[4, k]      B row j = the 4 bytes of lane j
     smmla (2x2x8): C[2, 2] += sum_{k<8} A[2, k] * B[2, k]   one 2x8 A block times a 2x8 (= B^T) block

@@ -2,8 +2,9 @@
 
 Every module of `passes` (with `kernels/` and `targets/`, installed as `passes.kernels` and
 `passes.targets`) is parsed with `ast`; every import that runs counts, module-level or inside a function
-(the lazy ones too; `if TYPE_CHECKING:` imports do not run), and `from passes.x import y` names module `passes.x.y` when that is a module. The
-layers, bottom up, are `LAYERS`; a module may import its own layer and the ones below.
+(the lazy ones too; `if TYPE_CHECKING:` imports do not run), so does every module a package's lazy
+`_EXPORTS` table names, and `from passes.x import y` names module `passes.x.y` when that is a module.
+The layers, bottom up, are `LAYERS`; a module may import its own layer and the ones below.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {ROOT / "passes": "passes", ROOT / "kernels": "passes.kernels", ROOT / "targets": "passes.targets"}
 #: bottom up; a module belongs to the first (longest) prefix that matches it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("passes.core",)),
-    ("numerics", ("passes.numerics",)),
-    ("infra", ("passes.infra", "passes.samples")),
-    ("transforms", ("passes.transforms", "passes.targets", "passes.testing")),
+    ("core", ("passes.core", "passes.samples")),  # samples: built with onnx.helper, imports core only
+    ("numerics", ("passes.numerics",)),  # below infra: the manager's numeric instrument, quantize's calibration
+    ("infra", ("passes.infra", "passes.targets", "passes.testing")),  # targets parse pipelines; testing wraps passes
+    ("transforms", ("passes.transforms",)),
     ("frontend", ("passes.frontend",)),
     ("lowering", ("passes.lowering", "passes.kernels")),
     ("tuning", ("passes.tuning",)),
@@ -47,6 +48,7 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     is_package = path.name == "__init__.py"
     found = set()
     for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        found.update(_lazy_exports(node))
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -59,6 +61,15 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
                 child = f"{base}.{alias.name}"
                 found.add(child if child in known else base)
     return {module for module in found if module in known and module != name}
+
+
+def _lazy_exports(node: ast.AST) -> set[str]:
+    """The modules a package's `_EXPORTS = {"name": "passes.x.y", ...}` table imports on first use."""
+    if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+            and any(isinstance(target, ast.Name) and target.id == "_EXPORTS" for target in node.targets)):
+        return set()
+    return {value.value for value in node.value.values
+            if isinstance(value, ast.Constant) and isinstance(value.value, str)}
 
 
 def _runtime_nodes(tree: ast.AST):  # -> Iterator[ast.AST]
@@ -150,6 +161,24 @@ def test_the_checks_can_fail() -> None:
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert layer_of("passes.core.ir") < layer_of("passes.lowering._lower") < layer_of("passes.cli.main")
     assert layer_of("passes.kernels.x86_int8") == layer_of("passes.lowering._dispatch")
+    assert layer_of("passes.samples") == layer_of("passes.core.ir")
+    assert layer_of("passes.targets") == layer_of("passes.testing") == layer_of("passes.infra.pipeline")
+
+
+def test_lazy_and_relative_imports_are_seen(tmp_path: Path) -> None:
+    """A function-level import, a relative one and a lazy `_EXPORTS` entry all count as imports."""
+    known = {"passes.core.ir", "passes.core.errors", "passes.deploy.run", "passes.lowering._build", "passes.deploy"}
+    source = tmp_path / "ir.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from .errors import PassesError\n"
+        "_EXPORTS = {'build': 'passes.lowering._build'}\n"
+        "if TYPE_CHECKING:\n    from passes.deploy import summary\n"
+        "def late():\n    from passes.deploy import run\n"
+    )
+    seen = imports("passes.core.ir", source, known)
+    assert seen == {"passes.core.errors", "passes.deploy.run", "passes.lowering._build"}
+    assert [target for target in seen if layer_of(target) > layer_of("passes.core.ir")] != []
 
 
 @pytest.mark.parametrize("limit", [400])

@@ -20,7 +20,7 @@ from tests.helpers import init, model, ops, tensor
 
 # float32 tolerance: Einsum and MatMul may sum the k products in different orders.
 RTOL, ATOL = 1e-5, 1e-5
-# what tests/test_every_pass.py holds every registered pass to.
+# what tests/infra/test_every_pass.py holds every registered pass to.
 GENERIC_RTOL, GENERIC_ATOL = 1e-5, 1e-6
 
 Dim = int | str

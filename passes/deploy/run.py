@@ -29,12 +29,12 @@ import numpy as np
 import onnx
 
 from passes.core import ir
-from passes.core.errors import ModelSaveError, VerificationError
+from passes.core.errors import ModelSaveError
 from passes.core.io import save_model
 from passes.deploy.host_check import run_host_check
 from passes.deploy.roofline import estimate
-from passes.frontend.prepare import BoundDim, QuantizeChoice, prepare_model
 from passes.deploy.summary import summarize
+from passes.frontend.prepare import BoundDim, QuantizeChoice, prepare_model
 
 #: capability -> (op it covers, pass that removes the op when the target lacks it)
 CAPABILITY_OPS: Mapping[str, tuple[str, str]] = {
@@ -43,6 +43,8 @@ CAPABILITY_OPS: Mapping[str, tuple[str, str]] = {
     "gelu_op": ("Gelu", "decompose-gelu"),
     "einsum": ("Einsum", "einsum-to-matmul"),
 }
+
+
 @dataclass
 class RunReport:
     """Everything `passes run` did; `report.json` is `to_dict()`."""

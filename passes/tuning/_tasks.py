@@ -21,7 +21,7 @@ import tvm_ffi
 from tvm import tirx
 
 from passes.kernels import x86_int8
-from passes.lowering._apply import KERNEL_SPACES, as_workload, workload_of
+from passes.lowering._apply import KERNEL_SPACES, workload_of
 from passes.lowering._tir import call_counts
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from passes.tuning import Tracker, load_session, tune
 from passes.tuning._database import RECORD_FILE, WORKLOAD_FILE, register_intrinsics
-from tests.tuning.conftest import HOST_ISA, needs_x86_int8, quick_options
+from tests.tuning.conftest import needs_x86_int8, quick_options
 
 CLI = [sys.executable, "-m", "passes.cli"]
 

@@ -38,11 +38,13 @@ class IntegerOpError(PassesError):
 def exact_integer_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with every QLinearMatMul decomposed and every MatMulInteger widened to float64 (see the
     module docstring); `model` itself is returned when it holds neither."""
-    model, _ = decompose_qlinear_matmul(model)
-    if not _holds(model.graph, {"MatMulInteger"}):
-        return model
-    widened = onnx.ModelProto()
-    widened.CopyFrom(model)
+    decomposed, count = decompose_qlinear_matmul(model)
+    if not _holds(decomposed.graph, {"MatMulInteger"}):
+        return decomposed
+    widened = decomposed  # already a copy of its own when a QLinearMatMul was decomposed
+    if not count:
+        widened = onnx.ModelProto()
+        widened.CopyFrom(model)
     names = FreshNames(widened)
     _widen_graph(widened.graph, names, _ranks(widened.graph))
     return widened

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -252,6 +252,48 @@ def _rate(value: float | None) -> str:
     return f"{value:,.0f} tok/s" if value >= 10 else f"{value:.2f} tok/s"
 
 
+def quantization_details(q: dict[str, Any]) -> None:
+    """Smoothing, the mixed-precision fallback, perplexity and the loud warnings of a quantization summary."""
+    if q.get("smoothing"):
+        console.print(f"smoothed {q['smoothing']['activations']} activations (SmoothQuant alpha {q['smoothing']['alpha']:g})")
+    mixed = q.get("mixed_precision")
+    if mixed:
+        fallback = mixed["fallback_layers"]
+        console.print(f"mixed precision: {mixed['w8a8_layers']} layers W8A8, {len(fallback)} kept "
+                      f"{fallback[0]['kept'] if fallback else 'W8A16'} (own SQNR < {mixed['min_layer_sqnr_db']:g} dB)")
+        for layer in fallback[:8]:
+            console.print(f"  {layer['layer']}: {_db(layer['sqnr_db'])}")
+        if len(fallback) > 8:
+            console.print(f"  ... and {len(fallback) - 8} more (report.json lists them all)")
+    ppl = q.get("perplexity")
+    if ppl:
+        console.print(f"perplexity on {ppl['windows']} windows x {ppl['window']} tokens: float {ppl['float']:.3f}, "
+                      f"quantized {ppl['quantized']:.3f} ({ppl['increase_pct']:+.2f} %)")
+    for warning in q.get("warnings", []):
+        console.print(f"[bold red]warning: {warning}[/bold red]")
+
+
+def accuracy_report(change: dict[str, Any], report: Any) -> None:
+    """`passes accuracy`: perplexity, output SQNR and the ten worst layers."""
+    console.print(f"perplexity on {change['windows']} windows x {change['window']} tokens: float {change['float']:.3f}, "
+                  f"quantized {change['quantized']:.3f} ({change['increase_pct']:+.2f} %)")
+    for output in report.outputs:
+        console.print(f"output {escape(output.name)}: SQNR {_db(output.sqnr_db)}")
+    worst = sorted((layer for layer in report.layers if layer.quantized), key=lambda layer: layer.sqnr_db)[:10]
+    if worst:
+        table = Table(title="least accurate quantized layers (end to end, first 2 windows)", title_justify="left")
+        table.add_column("layer")
+        table.add_column("SQNR", justify="right")
+        table.add_column("max abs error", justify="right")
+        for layer in worst:
+            table.add_row(escape(layer.name), _db(layer.sqnr_db), f"{layer.max_abs_error:.3g}")
+        console.print(table)
+
+
+def _db(value: float | str) -> str:
+    return f"{value:.1f} dB" if isinstance(value, (int, float)) else f"{value} dB"
+
+
 def run_report(report: RunReport) -> None:
     console.print(f"[bold]{report.target}[/bold]: {report.model} -> {report.output_dir}/")
     if report.bound_dims:
@@ -267,6 +309,7 @@ def run_report(report: RunReport) -> None:
         q = report.quantization
         console.print(f"quantized {q['matmuls_quantized']} matmuls {q['scheme']} ({q['chosen_by']}; calibration: "
                       f"{q['calibration']}): output SQNR {q['output_sqnr_db']:.1f} dB on {q['accuracy_inputs']}")
+        quantization_details(q)
     roof = report.roofline
     table = Table(title="roofline (upper bounds from the target's stated figures)", title_justify="left")
     for column in ("weights", "bytes read per token", "decode bound"):

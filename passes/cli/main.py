@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from passes.core.errors import PassesError, PipelineError
+from passes.frontend.prepare import DEFAULT_MIN_LAYER_SQNR, DEFAULT_SMOOTH
 from passes.samples import SAMPLE_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -129,19 +130,36 @@ def opt(
 @click.option("-q", "--quantize", type=click.Choice(["auto", "none", "w8a8-dynamic", "w8a8-static", "w8a16"]),
               default="auto", show_default=True, help="INT8 scheme; auto = the target's preference.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="An .npz of inputs by name for static W8A8 (else generated inputs, reported as such).")
+              help="Calibration inputs: an .npz of inputs by name, or text with --tokenizer (else generated inputs).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="tokenizer.json (or its folder) that cuts --calibration and --text into token windows.")
+@click.option("--text", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Text to measure float vs quantized perplexity on (a language model; needs --tokenizer).")
+@click.option("--smooth", type=click.FloatRange(0.0, 1.0), default=DEFAULT_SMOOTH, show_default=True,
+              help="SmoothQuant strength before W8A8 (0 = off).")
+@click.option("--min-layer-sqnr", type=click.FloatRange(0.0, 199.0), default=DEFAULT_MIN_LAYER_SQNR, show_default=True,
+              metavar="DB", help="W8A8 layers whose own SQNR on the calibration set is below this stay W8A16 (0 = off).")
+@click.option("--max-ppl-increase", type=click.FloatRange(min=0.0), default=None, metavar="PCT",
+              help="Fail, writing nothing, if perplexity on --text rises more than PCT percent.")
+@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+              help="Fail, writing nothing, if the quantized model's output SQNR is below DB.")
 @click.option("--tuning", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Build with the best schedules of a `passes tune` session folder.")
 @_json_option
 @_debug_option
 def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipeline: str | None,
-        quantize: str, calibration: Path | None, tuning: Path | None, as_json: bool) -> None:
+        quantize: str, calibration: Path | None, tokenizer: Path | None, text: Path | None, smooth: float,
+        min_layer_sqnr: float, max_ppl_increase: float | None, min_sqnr: float | None, tuning: Path | None,
+        as_json: bool) -> None:
     """Rewrite MODEL for a target, quantize, lower it through TVM, build, write artifacts and a report."""
     from passes.cli import _render
     from passes.deploy.run import run_for_target
+    from passes.frontend.prepare import QuantizeSettings
 
+    settings = QuantizeSettings(quantize, calibration, tokenizer, text, smooth, min_layer_sqnr,  # type: ignore[arg-type]
+                                max_ppl_increase, min_sqnr)
     report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline,
-                            quantize=quantize, calibration=calibration, tuning=tuning)  # type: ignore[arg-type]
+                            tuning=tuning, settings=settings)
     if as_json:
         _print_json(report.to_dict())
     else:
@@ -241,6 +259,44 @@ def verify(
     else:
         _render.comparison(comparison, reference, candidate)
     if not comparison.ok:
+        sys.exit(EXIT_MISMATCH)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("quantized", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(path_type=Path), required=True, metavar="FILE",
+              help="Text to measure perplexity on (UTF-8).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), required=True, metavar="DIR",
+              help="tokenizer.json, or the folder holding it.")
+@click.option("--windows", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Windows of the model's sequence length (128 where it is symbolic), spread over the text.")
+@click.option("--max-ppl-increase", type=click.FloatRange(min=0.0), default=None, metavar="PCT",
+              help="Exit 1 if perplexity rises more than PCT percent.")
+@_json_option
+@_debug_option
+def accuracy(model: Path, quantized: Path, text: Path, tokenizer: Path, windows: int,
+             max_ppl_increase: float | None, as_json: bool) -> None:
+    """Perplexity of MODEL (float) and QUANTIZED on the same windows of text, and SQNR per layer."""
+    from passes.cli import _render
+    from passes.core.io import load_model
+    from passes.numerics.accuracy import quantization_report
+    from passes.numerics.perplexity import TOKEN_INPUT, eval_windows, lm_feeds, perplexity_change
+
+    original, candidate = load_model(model), load_model(quantized)
+    rows = eval_windows(original, text, tokenizer, windows)
+    change = perplexity_change(original, candidate, rows)
+    feeds = [lm_feeds(original, row[None]) for row in rows[:2]]
+    report = quantization_report(original, candidate, feeds)
+    result = {"perplexity": change, "sqnr": report.to_dict(), "sqnr_inputs": f"the first 2 windows ({TOKEN_INPUT})"}
+    if as_json:
+        _print_json(result)
+    else:
+        _render.accuracy_report(change, report)
+    if max_ppl_increase is not None and change["increase_pct"] > max_ppl_increase:
+        if not as_json:
+            click.echo(f"error: perplexity rose {change['increase_pct']:.2f} %, above --max-ppl-increase "
+                       f"{max_ppl_increase:g} %", err=True)
         sys.exit(EXIT_MISMATCH)
 
 

@@ -34,7 +34,7 @@ from passes.core.io import save_model
 from passes.deploy.host_check import run_host_check
 from passes.deploy.roofline import estimate
 from passes.deploy.summary import summarize
-from passes.frontend.prepare import BoundDim, QuantizeChoice, prepare_model
+from passes.frontend.prepare import BoundDim, QuantizeChoice, QuantizeSettings, prepare_model
 
 #: capability -> (op it covers, pass that removes the op when the target lacks it)
 CAPABILITY_OPS: Mapping[str, tuple[str, str]] = {
@@ -83,9 +83,11 @@ def run_for_target(
     quantize: QuantizeChoice = "auto",
     calibration: str | os.PathLike[str] | None = None,
     tuning: str | os.PathLike[str] | None = None,
+    settings: QuantizeSettings | None = None,
 ) -> RunReport:
     """Load, rewrite, quantize, lower, build and write artifacts for one target; return the report.
-    `tuning` is a `passes tune` session folder whose best schedules the build uses."""
+    `tuning` is a `passes tune` session folder whose best schedules the build uses; `settings` (smoothing,
+    mixed precision, perplexity text, quality gates) replaces `quantize` and `calibration` when given."""
     from passes.targets import load_target
 
     target = load_target(target_spec)
@@ -96,7 +98,7 @@ def run_for_target(
 
         tuning = load_session(tuning)
     prepared = prepare_model(model_path, target, input_shapes=input_shapes, pipeline=pipeline, quantize=quantize,
-                             calibration=calibration)
+                             calibration=calibration, settings=settings)
     shapes, bound, result = prepared.shapes, prepared.bound, prepared.result
     optimized, quantization = prepared.model, prepared.quantization
     tokens = int(np.prod(next(iter(shapes.values()), (1,))))  # batch x sequence of the first input

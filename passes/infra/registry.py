@@ -40,6 +40,7 @@ BUILTIN_PASSES: Mapping[str, str] = MappingProxyType(
         "fuse-matmul-add": "passes.transforms.fuse_matmul_add:FuseMatMulAdd",
         "fuse-qkv": "passes.transforms.fuse_qkv:FuseQkv",
         "quantize-int8": "passes.transforms.quantize_int8:QuantizeInt8",
+        "smooth-quant": "passes.transforms.smooth_quant:SmoothQuant",
         "to-fp16": "passes.transforms.to_fp16:ToFp16",
         "einsum-to-matmul": "passes.transforms.einsum_to_matmul:EinsumToMatMul",
         "matmul-to-einsum": "passes.transforms.matmul_to_einsum:MatMulToEinsum",

@@ -11,8 +11,8 @@ Estimators reduce every value seen for a tensor (over all feeds) to a [low, high
     entropy:     |x| clipped at the threshold T minimising KL(P || Q), P the 2048-bin histogram of |x|
                  folded at T, Q its 128-level quantization (TensorRT's calibrator); [max(min x, -T), min(max x, T)]
 
-Calibration inputs come from an .npz holding one array per graph input (`load_calibration`), or are
-generated at the model's shapes with `passes.numerics.verify.random_feeds` (`generated_feeds`).
+Calibration inputs come from an .npz holding one array per graph input, or from text cut into token
+windows by a tokenizer (`load_calibration`), or are generated at the model's shapes with `passes.numerics.verify.random_feeds` (`generated_feeds`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from onnx import helper
 
 from passes.core import ir
 from passes.core.errors import VerificationError
-from passes.numerics.verify import input_dims, random_feeds, run_model
+from passes.numerics.verify import ModelRunner, input_dims, random_feeds
 
 Feeds = Mapping[str, np.ndarray]
 Estimator = Literal["minmax", "percentile", "entropy"]
@@ -39,6 +39,10 @@ GENERATED_DYNAMIC_DIM = 8
 #: percentile and entropy estimators look at most this many values per tensor (evenly strided).
 MAX_SAMPLED_VALUES = 1 << 21
 HISTOGRAM_BINS = 2048
+#: windows of text a text calibration set holds (each at the model's batch x sequence).
+TEXT_SAMPLES = 8
+#: tokens per window when the model's sequence dim is symbolic.
+TEXT_WINDOW = 128
 QUANTIZED_LEVELS = 128
 
 
@@ -71,8 +75,9 @@ def collect_tensors(model: onnx.ModelProto, names: Sequence[str], feeds: Sequenc
     """The values of `names` (intermediate tensors, graph outputs or inputs) on each of `feeds`."""
     exposed = with_outputs(model, names)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    runner = ModelRunner(exposed)
     for feed in feeds:
-        values = {**dict(feed), **run_model(exposed, feed)}
+        values = {**dict(feed), **runner(feed)}
         for name in names:
             collected[name].append(np.asarray(values[name]))
     return collected
@@ -146,18 +151,51 @@ def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
-def load_calibration(path: str | Path, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    """One set of inputs from an .npz holding an array per graph input (by name)."""
+def load_calibration(path: str | Path, model: onnx.ModelProto, *, tokenizer: str | Path | None = None,
+                     samples: int = TEXT_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """Calibration inputs from a file: an .npz holding an array per graph input (by name), each either at
+    the input's shape (one sample) or with one more leading axis (that many samples); or, with a
+    `tokenizer`, a text file cut into `samples` windows of the model's sequence length (a language
+    model's `input_ids`, see `passes.numerics.perplexity`)."""
+    if tokenizer and Path(path).suffix.lower() != ".npz":
+        return _text_calibration(path, model, tokenizer, samples)
     try:
         with np.load(path, allow_pickle=False) as data:
             feeds = {key: np.asarray(data[key]) for key in data.files}
-    except (OSError, ValueError) as err:
-        raise VerificationError(f"cannot read calibration data {str(path)!r}: {err}") from err
-    expected = set(input_dims(model))
-    if set(feeds) != expected:
+    except (OSError, ValueError, EOFError) as err:
+        raise VerificationError(f"cannot read calibration data {str(path)!r} (an .npz of the model's inputs, "
+                                f"or text with --tokenizer): {err}") from err
+    dims = input_dims(model)
+    if set(feeds) != set(dims):
         raise VerificationError(f"calibration data {str(path)!r} holds {sorted(feeds)}; the model's inputs "
-                                f"are {sorted(expected)}")
-    return [feeds]
+                                f"are {sorted(dims)}")
+    counts = set()
+    for name, value in feeds.items():
+        rank = len(dims[name])
+        if value.ndim not in (rank, rank + 1):
+            raise VerificationError(f"calibration array '{name}' is {value.ndim}-D; the input is {rank}-D "
+                                    f"(or {rank + 1}-D with a leading sample axis)")
+        counts.add(1 if value.ndim == rank else value.shape[0])
+    if len(counts) != 1:
+        raise VerificationError(f"calibration arrays in {str(path)!r} hold different numbers of samples: {sorted(counts)}")
+    count = counts.pop()
+    stacked = {name: value if value.ndim == len(dims[name]) + 1 else value[None] for name, value in feeds.items()}
+    return [{name: value[i] for name, value in stacked.items()} for i in range(count)]
+
+
+def _text_calibration(path: str | Path, model: onnx.ModelProto, tokenizer: str | Path,
+                      samples: int) -> list[dict[str, np.ndarray]]:
+    from passes.numerics.perplexity import TOKEN_INPUT, lm_feeds, load_tokenizer, read_text, text_windows
+
+    value = next((v for v in model.graph.input if v.name == TOKEN_INPUT), None)
+    dims = list(value.type.tensor_type.shape.dim) if value is not None else []
+    if len(dims) != 2:
+        raise VerificationError(f"text calibration needs a 2-D '{TOKEN_INPUT}' input [batch, seq]; the model's "
+                                f"inputs are {[v.name for v in model.graph.input]}")
+    batch, window = (d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else default
+                     for d, default in zip(dims, (1, TEXT_WINDOW)))
+    windows = text_windows(read_text(path), load_tokenizer(tokenizer), window=window, count=samples * batch)
+    return [lm_feeds(model, windows[i * batch:(i + 1) * batch]) for i in range(samples)]
 
 
 def generated_feeds(model: onnx.ModelProto, count: int = GENERATED_SAMPLES,

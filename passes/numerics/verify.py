@@ -154,34 +154,52 @@ def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[s
 
     Integer matmuls are evaluated exactly on every CPU (`passes.numerics.exact`); a model with ConvInteger or
     QLinearConv runs under onnx.reference. A model over protobuf's 2 GB limit is handed to onnxruntime
-    as a file with external data."""
-    import onnxruntime as ort
+    as a file with external data. To run one model on many feeds, build a `ModelRunner` once."""
+    return ModelRunner(model)(feeds)
 
-    names = [o.name for o in model.graph.output]
-    if needs_reference_evaluator(model):
-        logger.info("the model holds ConvInteger or QLinearConv; using onnx.reference (exact int32)")
-        return _run_reference(model, feeds, names)
-    try:
-        model = exact_integer_model(model)
-    except IntegerOpError as err:
-        raise VerificationError(str(err)) from err
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="passes-verify-") as folder:
-        if model.ByteSize() >= PROTOBUF_LIMIT:
-            source: str | bytes = str(save_model(model, Path(folder) / "model.onnx", external_data=True))
-        else:
-            source = model.SerializeToString()
+
+class ModelRunner:
+    """`run_model` for many feeds: the exact form and the session are built once.
+
+        runner = ModelRunner(model); outputs = [runner(feed) for feed in feeds]
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        import onnxruntime as ort
+
+        self.names = [o.name for o in model.graph.output]
+        self._session = None
+        self._reference = None
+        if needs_reference_evaluator(model):
+            logger.info("the model holds ConvInteger or QLinearConv; using onnx.reference (exact int32)")
+            self._reference = model
+            return
         try:
-            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # ORT lacks the op, or the opset: onnx.reference implements the spec
-            logger.info("onnxruntime cannot load the model (%s); using onnx.reference", str(err).splitlines()[0])
-            return _run_reference(model, feeds, names)
-    try:
-        return dict(zip(names, session.run(names, dict(feeds))))
-    except Exception as err:
-        raise VerificationError(f"onnxruntime failed to run the model: {str(err).splitlines()[0]}") from err
+            model = exact_integer_model(model)
+        except IntegerOpError as err:
+            raise VerificationError(str(err)) from err
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        with tempfile.TemporaryDirectory(prefix="passes-verify-") as folder:
+            if model.ByteSize() >= PROTOBUF_LIMIT:
+                source: str | bytes = str(save_model(model, Path(folder) / "model.onnx", external_data=True))
+            else:
+                source = model.SerializeToString()
+            try:
+                self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            except Exception as err:  # ORT lacks the op, or the opset: onnx.reference implements the spec
+                logger.info("onnxruntime cannot load the model (%s); using onnx.reference", str(err).splitlines()[0])
+                self._reference = model
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._reference is not None:
+            return _run_reference(self._reference, feeds, self.names)
+        assert self._session is not None
+        try:
+            return dict(zip(self.names, self._session.run(self.names, dict(feeds))))
+        except Exception as err:
+            raise VerificationError(f"onnxruntime failed to run the model: {str(err).splitlines()[0]}") from err
 
 
 def _run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

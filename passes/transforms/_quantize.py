@@ -3,6 +3,7 @@ what a MatMul/Gemm with a constant weight looks like to the rules (`WeightedMatM
 
     weights:      s_n = max_k |W[k, n]| / 127,  q[k, n] = clip(round_half_even(W[k, n] / s_n), -127, 127)
     activations:  lo = min(x_min, 0), hi = max(x_max, 0),  s = (hi - lo) / 255,  zp = round(-lo / s)
+    per token:    s_m = max(max_k |x[m, k]| / 127, tiny),  q[m, k] = round_half_even(x[m, k] / s_m) + 128  (uint8)
 
 Weights are symmetric per output channel (zero point 0, -128 never used), as every int8 GEMM wants.
 Static activations are uint8 asymmetric, the form DynamicQuantizeLinear produces at run time, so both
@@ -22,6 +23,13 @@ import onnx_graphsurgeon as gs
 from passes.infra.rewrite import RewriteContext
 
 Scheme = Literal["w8a8-dynamic", "w8a8-static", "w8a16"]
+Granularity = Literal["per-token", "per-tensor"]
+
+#: per-token activations are symmetric int8 stored as uint8 with this constant zero point, so MatMulInteger
+#: keeps its (uint8, int8) form and the lowering's constant-zero-point path (int8 kernels) applies.
+TOKEN_ZERO_POINT = 128
+#: the smallest row scale: an all-zero row quantizes to zeros instead of 0 / 0.
+TINY_SCALE = np.float32(np.finfo(np.float32).tiny)
 
 INT8_LIMIT = 127
 UINT8_LEVELS = 255
@@ -31,6 +39,7 @@ MIN_OPSET: dict[str, tuple[int, str]] = {
     "w8a8-dynamic": (11, "DynamicQuantizeLinear"),
     "w8a8-static": (10, "QuantizeLinear"),
     "w8a16": (13, "per-axis DequantizeLinear"),
+    "per-token": (10, "QuantizeLinear"),  # w8a8-dynamic with per-token scales: Abs, ReduceMax, Div, Max
 }
 
 
@@ -82,6 +91,9 @@ class QuantizeOptions:
     scheme: Scheme
     skip: re.Pattern[str] | None
     min_elements: int
+    granularity: Granularity = "per-tensor"  # w8a8-dynamic's activation scales
+    only: frozenset[str] | None = None  # output names of the matmuls this rule may rewrite (None: all)
+    exclude: frozenset[str] = frozenset()  # output names this rule leaves to another rule
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,9 @@ def refusal(mm: WeightedMatMul, ctx: RewriteContext, options: QuantizeOptions) -
     node = mm.node
     if options.skip is not None and options.skip.search(node.name or ""):
         return f"name matches skip pattern '{options.skip.pattern}'"
+    key = node.outputs[0].name
+    if key in options.exclude or (options.only is not None and key not in options.only):
+        return "left to the mixed-precision fallback" if key in options.exclude else "not chosen for this rule"
     dequantize = ctx.producer(mm.weight, "DequantizeLinear")
     if dequantize is not None:
         return "weight is already quantized (DequantizeLinear)"
@@ -123,7 +138,8 @@ def refusal(mm: WeightedMatMul, ctx: RewriteContext, options: QuantizeOptions) -
         return f"weight dtype {weight.dtype} is not float32"
     if weight.size < options.min_elements:
         return f"weight has {weight.size} elements < min_elements={options.min_elements}"
-    needed, op = MIN_OPSET[options.scheme]
+    per_token = options.scheme == "w8a8-dynamic" and options.granularity == "per-token"
+    needed, op = MIN_OPSET["per-token" if per_token else options.scheme]
     if ctx.opset < needed:
         return f"opset {ctx.opset} < {needed} needed by {op}"
     return _gemm_refusal(mm, ctx) if node.op == "Gemm" else _rank_refusal(mm)
@@ -161,11 +177,37 @@ def bias_tensor(mm: WeightedMatMul, ctx: RewriteContext) -> gs.Tensor | None:
     return ctx.const("quantized_bias", (value * np.float32(mm.beta)).astype(value.dtype))
 
 
+def per_token_quantize(ctx: RewriteContext, x: gs.Tensor, base: str) -> tuple[list[gs.Node], gs.Tensor, gs.Tensor]:
+    """Symmetric int8 per row of `x` (its last axis reduced), stored as uint8 + 128: nodes, the uint8
+    tensor and the row scales [..., M, 1]. Six ops: Abs, ReduceMax, Div, Max, Div, QuantizeLinear."""
+    magnitude = ctx.variable(f"{base}/abs", np.float32)
+    peak = ctx.variable(f"{base}/row_peak", np.float32)
+    nodes = [ctx.node("Abs", [x], [magnitude], base=f"{base}/abs")]
+    if ctx.opset >= 18:
+        axes = ctx.const(f"{base}/axes", np.array([-1], dtype=np.int64))
+        nodes.append(ctx.node("ReduceMax", [magnitude, axes], [peak], base=f"{base}/row_peak", keepdims=1))
+    else:
+        nodes.append(ctx.node("ReduceMax", [magnitude], [peak], base=f"{base}/row_peak", axes=[-1], keepdims=1))
+    unclamped = ctx.variable(f"{base}/row_scale_unclamped", np.float32)
+    nodes.append(ctx.node("Div", [peak, ctx.const(f"{base}/int8_limit", np.array(INT8_LIMIT, dtype=np.float32))],
+                          [unclamped], base=f"{base}/row_scale"))
+    row_scale = ctx.variable(f"{base}/row_scale", np.float32)
+    nodes.append(ctx.node("Max", [unclamped, ctx.const(f"{base}/tiny", np.array(TINY_SCALE))], [row_scale],
+                          base=f"{base}/row_scale_clamp"))
+    normalized = ctx.variable(f"{base}/x_normalized", np.float32)
+    nodes.append(ctx.node("Div", [x, row_scale], [normalized], base=f"{base}/normalize"))
+    x_q = ctx.variable(f"{base}/x_uint8", np.uint8)
+    unit = ctx.const(f"{base}/unit_scale", np.array(1.0, dtype=np.float32))
+    zero = ctx.const(f"{base}/token_zero_point", np.array(TOKEN_ZERO_POINT, dtype=np.uint8))
+    nodes.append(ctx.node("QuantizeLinear", [normalized, unit, zero], [x_q], base=f"{base}/quantize_x"))
+    return nodes, x_q, row_scale
+
+
 def integer_matmul_tail(
     ctx: RewriteContext, mm: WeightedMatMul, x_q: gs.Tensor, x_zero: gs.Tensor | None, weight: np.ndarray,
-    scale: gs.Tensor,
+    scale: gs.Tensor, row_scale: gs.Tensor | None = None,
 ) -> tuple[list[gs.Node], gs.Tensor]:
-    """Mul(Cast<float>(MatMulInteger(x_q, W_q [K, N], x_zero)), scale) (+ beta * C): nodes and result."""
+    """Mul(Cast<float>(MatMulInteger(x_q, W_q [K, N], x_zero)), scale) (* row_scale) (+ beta * C)."""
     base = mm.node.name or "matmul"
     accumulated = ctx.variable(f"{base}/int32", np.int32)
     inputs = [x_q, ctx.const(f"{base}/weight_int8", weight)] + ([x_zero] if x_zero is not None else [])
@@ -174,6 +216,10 @@ def integer_matmul_tail(
     nodes.append(ctx.node("Cast", [accumulated], [widened], base=f"{base}/Cast", to=1))
     scaled = ctx.variable(f"{base}/rescaled", np.float32)
     nodes.append(ctx.node("Mul", [widened, scale], [scaled], base=f"{base}/rescale"))
+    if row_scale is not None:
+        per_row = ctx.variable(f"{base}/rescaled_rows", np.float32)
+        nodes.append(ctx.node("Mul", [scaled, row_scale], [per_row], base=f"{base}/rescale_rows"))
+        scaled = per_row
     bias = bias_tensor(mm, ctx)
     if bias is None:
         return nodes, scaled

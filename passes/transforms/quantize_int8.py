@@ -1,6 +1,9 @@
 """`quantize-int8`: int8 weights (per output channel, symmetric) for MatMul/Gemm with a constant weight.
 
-    w8a8-dynamic: MatMul(x, W) -> Mul(Cast(MatMulInteger(xq, Wq, zx)), sx * sW) where (xq, sx, zx) = DynamicQuantizeLinear(x)
+    w8a8-dynamic: MatMul(x, W) -> Mul(Mul(Cast(MatMulInteger(xq, Wq, 128)), sW), s_row)   (per token, the default)
+                  where s_row = max(max_k |x[.., k]| / 127, tiny), xq = QuantizeLinear(x / s_row, 1, 128)
+    w8a8-dynamic{activations=per-tensor}:
+                  MatMul(x, W) -> Mul(Cast(MatMulInteger(xq, Wq, zx)), sx * sW) where (xq, sx, zx) = DynamicQuantizeLinear(x)
     w8a8-static:  MatMul(x, W) -> Mul(Cast(MatMulInteger(QuantizeLinear(x, sx, zx), Wq, zx)), sx * sW)   (sx, zx calibrated)
     w8a16:        MatMul(x, W) -> MatMul(x, DequantizeLinear(Wq, sW, axis=1))
 
@@ -11,9 +14,14 @@ into the rescale and beta * C added after it; transB is handled (the int8 weight
 MatMulInteger, and w8a16 keeps the Gemm with its transB, dequantizing along axis 0). Each rewritten
 matmul keeps its output tensor (name included), so per-layer accuracy can match layers by name.
 
-w8a8-static needs activation ranges: from `calibration` (an .npz of inputs by name), else from inputs
-generated with `passes.numerics.verify.random_feeds` at the model's shapes (`stats["calibration"] = "generated"`).
-`percentile` < 100 clips each range to that percentile of |values| on both sides (100 is min-max).
+w8a8-static needs activation ranges: from `calibration` (an .npz of inputs by name, or text cut into
+token windows with `tokenizer`), else from inputs generated with `passes.numerics.verify.random_feeds` at
+the model's shapes (`stats["calibration"] = "generated"`). `percentile` < 100 clips each range to that
+percentile of |values| on both sides (100 is min-max).
+
+Mixed precision: with `min_sqnr` > 0, each W8A8 candidate's own error is measured on the calibration set
+(`_sensitivity.local_sqnr`); those below `min_sqnr` dB become W8A16 instead (float where the opset is < 13),
+and `stats["layers"]` lists every candidate's SQNR and what it kept.
 
 Ordering: run after `fold-constants` and the fusions (fuse-qkv, fuse-matmul-add): fold-constants would
 fold a small DequantizeLinear(Wq) back to a float weight.
@@ -29,21 +37,25 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.core import ir
-from passes.infra._pass import Pass, PassResult
+from passes.infra._pass import Pass, PassResult, StatValue
 from passes.infra.rewrite import Match, Replacement, RewriteContext, RewriteRule, run_rules
 from passes.transforms._quantize import (
+    MIN_OPSET,
     ActivationQuantization,
+    Granularity,
     QuantizeOptions,
     Scheme,
     activation_quantization,
     bias_tensor,
     integer_matmul_tail,
     kn_weight,
+    per_token_quantize,
     quantize_weight,
     refusal,
     stored_weight,
     weighted_matmul,
 )
+from passes.transforms._sensitivity import LayerSensitivity, local_sqnr
 
 
 class _QuantizeRule(RewriteRule):
@@ -78,6 +90,20 @@ class QuantizeDynamicW8A8(_QuantizeRule):
         weight_scale = ctx.const(f"{base}/weight_scale", quantized.scale * np.float32(mm.alpha))
         nodes.append(ctx.node("Mul", [x_scale, weight_scale], [scale], base=f"{base}/scale"))
         tail, result = integer_matmul_tail(ctx, mm, x_q, x_zero, kn_weight(mm, quantized), scale)
+        return Replacement(nodes + tail, [result])
+
+
+class QuantizeTokenW8A8(_QuantizeRule):
+    math = "MatMul(x, W) -> Mul(Mul(Cast(MatMulInteger(QuantizeLinear(x / s_row, 1, 128), Wq, 128)), sW), s_row)"
+
+    def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
+        mm = match["mm"]
+        base = mm.node.name or "matmul"
+        quantized = quantize_weight(stored_weight(mm, ctx), 0 if mm.trans_b else 1)
+        nodes, x_q, row_scale = per_token_quantize(ctx, mm.x, base)
+        x_zero = nodes[-1].inputs[2]  # QuantizeLinear's zero point, the constant 128
+        weight_scale = ctx.const(f"{base}/weight_scale", (quantized.scale * np.float32(mm.alpha)).astype(np.float32))
+        tail, result = integer_matmul_tail(ctx, mm, x_q, x_zero, kn_weight(mm, quantized), weight_scale, row_scale)
         return Replacement(nodes + tail, [result])
 
 
@@ -145,62 +171,115 @@ class QuantizeInt8(Pass):
         "help": ".npz of inputs by name for w8a8-static (default: generated random inputs)"})
     percentile: float = field(default=100.0, metadata={
         "help": "w8a8-static range estimator: percentile of values kept (100 = min-max)"})
+    activations: Granularity = field(default="per-token", metadata={
+        "help": "w8a8-dynamic activation scales: per-token (a scale per row) or per-tensor (DynamicQuantizeLinear)"})
+    min_sqnr: float = field(default=0.0, metadata={
+        "help": "mixed precision: W8A8 layers whose own SQNR on the calibration set is below this (dB) stay W8A16 (0 = off)"})
+    tokenizer: str = field(default="", metadata={
+        "help": "with calibration=TEXT: a tokenizer.json (or its folder) that cuts the text into token windows"})
+    samples: int = field(default=8, metadata={"help": "calibration windows cut from text"})
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.min_elements < 0:
             raise ValueError(f"min_elements must be >= 0, got {self.min_elements}")
+        if not 0.0 <= self.min_sqnr < 200.0:
+            raise ValueError(f"min_sqnr must be in [0, 200) dB, got {self.min_sqnr}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.tokenizer and not self.calibration:
+            raise ValueError("tokenizer needs calibration=TEXT (the text to cut into windows)")
         try:
             re.compile(self.skip)
         except re.error as err:
             raise ValueError(f"skip is not a valid regex: {self.skip!r} ({err})") from err
 
-    def _options(self) -> QuantizeOptions:
-        return QuantizeOptions(self.scheme, re.compile(self.skip) if self.skip else None, self.min_elements)
+    def _options(self, scheme: Scheme | None = None, **limits: frozenset[str] | None) -> QuantizeOptions:
+        return QuantizeOptions(scheme or self.scheme, re.compile(self.skip) if self.skip else None,
+                               self.min_elements, self.activations, **limits)  # type: ignore[arg-type]
 
     def call(self, graph: gs.Graph) -> PassResult:
         options = self._options()
-        extra: dict[str, int | float | str | bool] = {"scheme": self.scheme}
-        rule: RewriteRule
+        extra: dict[str, StatValue] = {"scheme": self.scheme}
+        if self.scheme == "w8a16":
+            result = run_rules(graph, [QuantizeWeightOnlyW8A16(options)], "matmuls_quantized")
+            result.stats.update(extra)
+            return result
         if self.scheme == "w8a8-dynamic":
-            rule = QuantizeDynamicW8A8(options)
-        elif self.scheme == "w8a16":
-            rule = QuantizeWeightOnlyW8A16(options)
+            extra["activations"] = self.activations
+        candidates = _candidates(graph, options)
+        needs_data = self.scheme == "w8a8-static" or self.min_sqnr > 0
+        samples: dict[str, list[np.ndarray]] = {}
+        if needs_data and candidates:
+            samples, extra["calibration"] = self._calibration_samples(graph, candidates)
+        activations = ({name: _range(values, self.percentile) for name, values in samples.items()}
+                       if self.scheme == "w8a8-static" else {})
+        layers = self._sensitivity(graph, candidates, samples, activations) if self.min_sqnr > 0 else []
+        fallback = frozenset(layer.layer for layer in layers if layer.kept != "w8a8")
+        options = self._options(exclude=fallback)
+        rules: list[RewriteRule]
+        if self.scheme == "w8a8-static":
+            rules = [QuantizeStaticW8A8(options, activations)]
+        elif self.activations == "per-token":
+            rules = [QuantizeTokenW8A8(options)]
         else:
-            activations, source = self._calibrate(graph, options)
-            rule = QuantizeStaticW8A8(options, activations)
-            if source:
-                extra["calibration"] = source
-        result = run_rules(graph, [rule], "matmuls_quantized")
+            rules = [QuantizeDynamicW8A8(options)]
+        if fallback and RewriteContext(graph).opset >= MIN_OPSET["w8a16"][0]:
+            rules.append(QuantizeWeightOnlyW8A16(self._options("w8a16", only=fallback)))
+        result = run_rules(graph, rules, "matmuls_quantized")
         result.stats.update(extra)
+        if self.min_sqnr > 0:
+            result.stats["min_sqnr_db"] = self.min_sqnr
+            result.stats["w8a8_layers"] = sum(1 for layer in layers if layer.kept == "w8a8")
+            result.stats["fallback_layers"] = len(fallback)
+            result.stats["layers"] = [layer.to_dict() for layer in layers]  # type: ignore[assignment]
         return result
 
-    def _calibrate(self, graph: gs.Graph, options: QuantizeOptions) -> tuple[dict[str, ActivationQuantization], str]:
-        """uint8 parameters for the activations of the matmuls the rule will quantize, and where the
-        calibration inputs came from ("file", "generated"; "" when nothing needs calibrating)."""
+    def _calibration_samples(self, graph: gs.Graph, candidates: Mapping[str, tuple[str, np.ndarray]]
+                             ) -> tuple[dict[str, list[np.ndarray]], str]:
+        """Each candidate activation's values on the calibration set, and where that set came from."""
         from passes.numerics import calibration
 
-        names = _static_candidates(graph, options)
-        if not names:
-            return {}, ""
         model = ir.export_model(graph)
         if self.calibration:
-            feeds, source = calibration.load_calibration(self.calibration, model), "file"
+            feeds = calibration.load_calibration(self.calibration, model, tokenizer=self.tokenizer or None,
+                                                 samples=self.samples)
+            source = "text" if self.tokenizer else "file"
         else:
             feeds, source = calibration.generated_feeds(model), "generated"
-        ranges = calibration.activation_ranges(model, names, feeds, percentile=self.percentile)
-        return {name: activation_quantization(r.low, r.high) for name, r in ranges.items()}, source
+        names = list(dict.fromkeys(x for x, _ in candidates.values()))
+        return calibration.collect_tensors(model, names, feeds), source
+
+    def _sensitivity(self, graph: gs.Graph, candidates: Mapping[str, tuple[str, np.ndarray]],
+                     samples: Mapping[str, list[np.ndarray]],
+                     activations: Mapping[str, ActivationQuantization]) -> list[LayerSensitivity]:
+        granularity = "per-token" if self.scheme == "w8a8-dynamic" and self.activations == "per-token" else "per-tensor"
+        fallback = "w8a16" if RewriteContext(graph).opset >= MIN_OPSET["w8a16"][0] else "float"
+        layers = []
+        for output, (x, weight) in candidates.items():
+            sqnr = local_sqnr(samples[x], weight, granularity=granularity, static=activations.get(x))
+            layers.append(LayerSensitivity(output, sqnr, "w8a8" if sqnr >= self.min_sqnr else fallback))
+        return layers
 
 
-def _static_candidates(graph: gs.Graph, options: QuantizeOptions) -> list[str]:
-    """Activation names of the matmuls `QuantizeStaticW8A8` would rewrite, in graph order."""
+def _range(values: list[np.ndarray], percentile: float) -> ActivationQuantization:
+    from passes.numerics.calibration import estimate_range
+
+    flat = np.concatenate([v.reshape(-1).astype(np.float64) for v in values])
+    estimate = estimate_range(flat, "minmax" if percentile >= 100.0 else "percentile", percentile)
+    return activation_quantization(estimate.low, estimate.high)
+
+
+def _candidates(graph: gs.Graph, options: QuantizeOptions) -> dict[str, tuple[str, np.ndarray]]:
+    """The matmuls a W8A8 rule would rewrite: output name -> (activation name, weight as [K, N] float32)."""
     ctx = RewriteContext(graph)
-    names: list[str] = []
+    found: dict[str, tuple[str, np.ndarray]] = {}
     for node in graph.nodes:
         if node.op not in _QuantizeRule.anchor_ops or not ir.is_default_domain(node) or len(node.inputs) < 2:
             continue
         mm = weighted_matmul(node)
-        if refusal(mm, ctx, options) is None and mm.x.name not in names:
-            names.append(mm.x.name)
-    return names
+        if refusal(mm, ctx, options) is None:
+            weight = stored_weight(mm, ctx)
+            found[node.outputs[0].name] = (mm.x.name, weight.T if mm.trans_b else weight)
+    return found

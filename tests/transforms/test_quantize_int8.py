@@ -51,8 +51,10 @@ def weight_of(made: onnx.ModelProto, dtype: type) -> np.ndarray:
 
 # -- structure ---------------------------------------------------------------------------------
 
+PER_TOKEN = ["Abs", "ReduceMax", "Div", "Max", "Div", "QuantizeLinear"]
 EXPECTED_OPS = {
-    "w8a8-dynamic": ["DynamicQuantizeLinear", "Mul", "MatMulInteger", "Cast", "Mul"],
+    "w8a8-dynamic": [*PER_TOKEN, "MatMulInteger", "Cast", "Mul", "Mul"],
+    "per-tensor": ["DynamicQuantizeLinear", "Mul", "MatMulInteger", "Cast", "Mul"],
     "w8a8-static": ["QuantizeLinear", "MatMulInteger", "Cast", "Mul"],
     "w8a16": ["DequantizeLinear", "MatMul"],
 }
@@ -69,9 +71,24 @@ def test_structure_matmul_per_scheme_keeps_the_output_name(scheme: str) -> None:
     assert weight.shape == (16, 8) and np.abs(weight).max() == 127 and weight.min() >= -127
 
 
+def test_structure_dynamic_per_tensor_is_dynamic_quantize_linear() -> None:
+    result = QuantizeInt8(scheme="w8a8-dynamic", activations="per-tensor")(matmul_model())
+    assert ops(result.model) == EXPECTED_OPS["per-tensor"] and result.stats["activations"] == "per-tensor"
+
+
+def test_structure_per_token_reduces_the_last_axis_at_opset_18() -> None:
+    """ReduceMax takes its axes as an input from opset 18, as an attribute before."""
+    for opset in (13, 18):
+        made = QuantizeInt8()(matmul_model(opset=opset)).model
+        onnx.checker.check_model(made, full_check=True)
+        reduce = next(n for n in made.graph.node if n.op_type == "ReduceMax")
+        assert (len(reduce.input) == 2) == (opset >= 18)
+
+
 def test_structure_gemm_trans_b_bias() -> None:
     dynamic = QuantizeInt8()(gemm_model(trans_b=True)).model
     assert ops(dynamic) == EXPECTED_OPS["w8a8-dynamic"] + ["Add"]
+    assert ops(QuantizeInt8(activations="per-tensor")(gemm_model(trans_b=True)).model) == EXPECTED_OPS["per-tensor"] + ["Add"]
     assert weight_of(dynamic, np.int8).shape == (16, 8)  # stored [K, N] for MatMulInteger
     weight_only = QuantizeInt8(scheme="w8a16")(gemm_model(trans_b=True)).model
     assert ops(weight_only) == ["DequantizeLinear", "Gemm"]
@@ -161,7 +178,7 @@ def _refusals(made: onnx.ModelProto, **options: object) -> list[str]:
 def test_refusal_weight_not_constant() -> None:
     made = model([helper.make_node("MatMul", ["x", "w"], ["y"], name="qk")], [tensor("x", [2, 4]), tensor("w", [4, 3])],
                  [tensor("y", [2, 3])])
-    assert _refusals(made) == ["QuantizeDynamicW8A8: weight is not a constant"]
+    assert _refusals(made) == ["QuantizeTokenW8A8: weight is not a constant"]
 
 
 def test_refusal_weight_not_2d() -> None:
@@ -173,9 +190,9 @@ def test_refusal_weight_not_2d() -> None:
 
 def test_refusal_skip_pattern_and_min_elements() -> None:
     assert _refusals(matmul_model(name="/lm_head/MatMul"), skip="lm_head") == [
-        "QuantizeDynamicW8A8: name matches skip pattern 'lm_head'"]
+        "QuantizeTokenW8A8: name matches skip pattern 'lm_head'"]
     assert _refusals(matmul_model(k=16, n=8), min_elements=129) == [
-        "QuantizeDynamicW8A8: weight has 128 elements < min_elements=129"]
+        "QuantizeTokenW8A8: weight has 128 elements < min_elements=129"]
     assert QuantizeInt8(min_elements=128)(matmul_model(k=16, n=8)).modified
 
 
@@ -189,14 +206,16 @@ def test_refusal_non_float32_weight() -> None:
 def test_refusal_opset_too_low() -> None:
     assert _refusals(matmul_model(opset=12), scheme="w8a16") == [
         "QuantizeWeightOnlyW8A16: opset 12 < 13 needed by per-axis DequantizeLinear"]
-    assert _refusals(matmul_model(opset=10)) == ["QuantizeDynamicW8A8: opset 10 < 11 needed by DynamicQuantizeLinear"]
+    assert _refusals(matmul_model(opset=10), activations="per-tensor") == [
+        "QuantizeDynamicW8A8: opset 10 < 11 needed by DynamicQuantizeLinear"]
+    assert _refusals(matmul_model(opset=9)) == ["QuantizeTokenW8A8: opset 9 < 10 needed by QuantizeLinear"]
     assert QuantizeInt8(scheme="w8a8-static")(matmul_model(opset=10)).modified
 
 
 def test_refusal_gemm_trans_a_and_already_quantized() -> None:
     node = helper.make_node("Gemm", ["x", "w"], ["y"], transA=1)
     made = model([node], [tensor("x", [4, 2])], [tensor("y", [2, 3])], [init("w", np.ones((4, 3), np.float32))])
-    assert _refusals(made) == ["QuantizeDynamicW8A8: Gemm transA=1"]
+    assert _refusals(made) == ["QuantizeTokenW8A8: Gemm transA=1"]
     once = QuantizeInt8(scheme="w8a16")(matmul_model()).model
     assert _refusals(once, scheme="w8a16") == ["QuantizeWeightOnlyW8A16: weight is already quantized (DequantizeLinear)"]
 
@@ -256,7 +275,7 @@ def test_property_valid_accurate_idempotent(case: tuple[onnx.ModelProto, dict[st
     onnx.checker.check_model(once.model, full_check=True)
     assert once.modified and once.stats["matmuls_quantized"] == 1
     assert ("MatMulInteger" in ops(once.model)) == (scheme != "w8a16")
-    assert ops(once.model)[0] == {"w8a8-dynamic": "DynamicQuantizeLinear", "w8a8-static": "QuantizeLinear",
+    assert ops(once.model)[0] == {"w8a8-dynamic": "Abs", "w8a8-static": "QuantizeLinear",
                                   "w8a16": "DequantizeLinear"}[scheme]
     feeds = random_feeds(original, 0, input_shapes=shapes)
     expected, got = run_model(original, feeds)["y"], run_model(once.model, feeds)["y"]

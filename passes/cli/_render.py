@@ -307,7 +307,8 @@ def run_report(report: RunReport) -> None:
     _run_ops_table(report)
     if report.quantization is not None:
         q = report.quantization
-        console.print(f"quantized {q['matmuls_quantized']} matmuls {q['scheme']} ({q['chosen_by']}; calibration: "
+        console.print(f"quantized {q['matmuls_quantized']} matmuls {q['scheme']} ({q['activations']} activations; "
+                      f"{q['chosen_by']}; calibration: "
                       f"{q['calibration']}): output SQNR {q['output_sqnr_db']:.1f} dB on {q['accuracy_inputs']}")
         quantization_details(q)
     roof = report.roofline

@@ -131,7 +131,8 @@ def _quantize(model: onnx.ModelProto, target: Any, settings: QuantizeSettings,
     feeds, accuracy_inputs = _accuracy_feeds(model, settings, shapes)
     accuracy = quantization_report(model, result.model, feeds)
     summary: dict[str, Any] = {
-        "scheme": scheme if scheme != "w8a8-dynamic" else f"{scheme} ({quantized.get('activations', 'per-token')})",
+        "scheme": scheme,
+        "activations": quantized.get("activations", "per-tensor" if scheme == "w8a8-static" else "float"),
         "chosen_by": "target capabilities.quantization" if choice == "auto" else "--quantize",
         "matmuls_quantized": quantized.get("matmuls_quantized", 0),
         "calibration": quantized.get("calibration", stats.get("smooth-quant", {}).get("calibration", "not needed")),

@@ -48,7 +48,7 @@ def test_every_scheme_builds_exact_on_this_cpu_and_on_zen3(wide_sample: Path, tm
     for cpu, report in reports.items():
         check = report.host_check
         assert check is not None and check["ok"], (cpu, check)
-        if scheme == "w8a8-static":
+        if scheme != "w8a16":  # static, and dynamic with per-token scales (zero point 128): int8 kernels
             assert report.dispatched[expected_family[cpu]]["matmuls"] == 9
         if check["criterion"] != "allclose":  # codes flipped by an ulp: as accurate as the quantized model
             for output in check["sqnr"].values():

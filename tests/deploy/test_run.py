@@ -157,7 +157,7 @@ def test_unsupported_op_is_one_clear_error(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "out" / "host").exists()  # nothing half-written
 
 
-@pytest.mark.parametrize(("target", "scheme"), [("sd8gen2", "w8a8-static"), ("a16", "w8a16")])
+@pytest.mark.parametrize(("target", "scheme"), [("sd8gen2", "w8a8-dynamic"), ("a16", "w8a16")])
 def test_run_quantizes_with_the_targets_scheme(sample_path: Path, tmp_path: Path, target: str, scheme: str) -> None:
     report = run_for_target(sample_path, target, tmp_path, input_shapes={"input_ids": (1, 16)})
     quantization = report.quantization
@@ -168,6 +168,10 @@ def test_run_quantizes_with_the_targets_scheme(sample_path: Path, tmp_path: Path
     written = onnx.load(str(tmp_path / target / "model.onnx"))
     ops = {n.op_type for n in written.graph.node}
     assert ("MatMulInteger" in ops) if scheme.startswith("w8a8") else ("DequantizeLinear" in ops)
+    if scheme.startswith("w8a8"):  # smoothed, per-token, and every layer accurate enough to stay W8A8
+        assert quantization["activations"] == "per-token" and quantization["smoothing"]["activations"] > 0
+        assert quantization["mixed_precision"]["w8a8_layers"] == 9 and not quantization["mixed_precision"]["fallback_layers"]
+        assert "DynamicQuantizeLinear" not in ops and quantization["warnings"] == []
 
 
 def test_run_without_quantization_keeps_float_weights(sample_path: Path, tmp_path: Path) -> None:

@@ -119,3 +119,41 @@ QLINEAR_CASES = {
 def test_numerics_qlinear_matmul_bit_exact_on_the_host(case: str) -> None:
     made = qlinear_matmul_model(6, 40, 9, **QLINEAR_CASES[case])
     assert _host_matches_reference(made, _a_feed(made)) == 1
+
+
+def test_numerics_per_token_w8a8_lowers_to_int8_and_is_bit_exact_on_the_host() -> None:
+    """quantize-int8's per-token scheme: the uint8 codes (Abs, ReduceMax, Div, Max, Div, QuantizeLinear) and
+    the int32 accumulator are bit-exact against the exact reference, the matmul stays int8 (constant zero
+    point 128), and the rescaled float output is the reference's up to float rounding. Rows include an
+    all-zero one (scale clamped to tiny), a massive-activation one, and exact .5 ties after scaling."""
+    from passes.transforms.quantize_int8 import QuantizeInt8
+
+    rng = np.random.default_rng(4)
+    k, n, m = 48, 24, 6
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")
+    made = onnx_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, m, k])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m, n])],
+                      [numpy_helper.from_array(weight, "w")])
+    quantized = QuantizeInt8(scheme="w8a8-dynamic")(made).model
+    produced = {node.op_type: node.output[0] for node in quantized.graph.node}
+    codes, accumulator = produced["QuantizeLinear"], produced["MatMulInteger"]
+    quantized.graph.output.extend([helper.make_tensor_value_info(codes, TensorProto.UINT8, [1, m, k]),
+                                   helper.make_tensor_value_info(accumulator, TensorProto.INT32, [1, m, n])])
+    x = rng.standard_normal((1, m, k)).astype(np.float32)
+    x[0, 1] = 0.0
+    x[0, 2] *= 1000.0
+    x[0, 3] = np.float32(127.0) * np.linspace(-1, 1, k, dtype=np.float32)  # scale 1: codes are the values
+    x[0, 3, :8] = np.float32([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5])  # ties: round half to even
+    from passes.lowering import build, lower, run_host
+
+    host = target("host")
+    lowered = lower(quantized, host)
+    got = run_host(build(lowered, host), {"x": x})
+    expected = run_reference(quantized, {"x": x})
+    assert lowered.int8_matmuls == 1
+    np.testing.assert_array_equal(got[codes], expected[codes])
+    np.testing.assert_array_equal(got[accumulator], expected[accumulator])
+    assert expected[codes][0, 1].tolist() == [128] * k
+    # float32 rescale: two multiplies per element, so a few ulp of the output's magnitude
+    np.testing.assert_allclose(got["y"], expected["y"], rtol=1e-6, atol=1e-6 * float(np.abs(expected["y"]).max()))

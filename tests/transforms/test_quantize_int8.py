@@ -302,3 +302,53 @@ def test_property_valid_accurate_idempotent(case: tuple[onnx.ModelProto, dict[st
         assert sqnr_db(product, product + noise) >= MIN_SQNR_DB
     again = QuantizeInt8(scheme=scheme)(once.model)  # type: ignore[arg-type]
     assert not again.modified, again.stats
+
+
+# -- mixed precision by sensitivity --------------------------------------------------------------
+
+def _two_layer_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="calm"),
+             helper.make_node("MatMul", ["z", "w2"], ["y2"], name="sink")]
+    inits = [init("w1", rng.standard_normal((32, 16)).astype(np.float32)),
+             init("w2", rng.standard_normal((32, 16)).astype(np.float32))]
+    return model(nodes, [tensor("x", [1, 16, 32]), tensor("z", [1, 16, 32])],
+                 [tensor("y1", [1, 16, 16]), tensor("y2", [1, 16, 16])], inits)
+
+
+def _sink_feeds(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x, z = (rng.standard_normal((1, 16, 32)).astype(np.float32) for _ in range(2))
+    z[0, 0] *= 1000.0  # the first token's activations are massive (an attention sink's, in trained LLMs)
+    return {"x": x, "z": z}
+
+
+def test_mixed_precision_keeps_the_layer_a_massive_token_ruins_in_w8a16(tmp_path: Path) -> None:
+    np.savez(tmp_path / "calib.npz", **{k: np.stack([_sink_feeds(s)[k] for s in (1, 2)]) for k in ("x", "z")})
+    result = QuantizeInt8(scheme="w8a8-static", calibration=str(tmp_path / "calib.npz"), min_sqnr=25.0)(_two_layer_model())
+    layers = {layer["layer"]: layer for layer in result.stats["layers"]}  # type: ignore[union-attr]
+    assert layers["y1"]["kept"] == "w8a8" and layers["y1"]["sqnr_db"] > 35
+    assert layers["y2"]["kept"] == "w8a16" and layers["y2"]["sqnr_db"] < 25
+    assert result.stats["w8a8_layers"] == 1 and result.stats["fallback_layers"] == 1
+    producers = {n.output[0]: n.op_type for n in result.model.graph.node}
+    assert producers["y2"] == "MatMul" and "DequantizeLinear" in producers.values()
+    feeds = _sink_feeds(3)
+    original = run_model(_two_layer_model(), feeds)
+    got = run_model(result.model, feeds)
+    ordinary = slice(1, None)  # the tokens the massive one would have drowned
+    assert sqnr_db(original["y2"][0, ordinary], got["y2"][0, ordinary]) > 35
+    # per-token dynamic scales give the massive token its own scale: nothing falls back
+    dynamic = QuantizeInt8(scheme="w8a8-dynamic", calibration=str(tmp_path / "calib.npz"), min_sqnr=25.0)(_two_layer_model())
+    assert dynamic.stats["fallback_layers"] == 0
+
+
+def test_token_sqnr_is_not_hidden_by_one_massive_row() -> None:
+    from passes.transforms._sensitivity import token_sqnr_db
+
+    reference = np.ones((4, 8))
+    reference[0] *= 1000.0
+    candidate = reference.copy()
+    candidate[1:] += 0.1  # 20 dB of noise on every ordinary row
+    assert sqnr_db(reference, candidate) > 60  # a plain SQNR sees the massive row only
+    assert token_sqnr_db(reference, candidate) == pytest.approx(-10 * np.log10(0.75 * 0.01), rel=1e-9)
+    assert token_sqnr_db(reference, reference) == np.inf

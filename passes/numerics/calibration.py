@@ -41,8 +41,6 @@ MAX_SAMPLED_VALUES = 1 << 21
 HISTOGRAM_BINS = 2048
 #: windows of text a text calibration set holds (each at the model's batch x sequence).
 TEXT_SAMPLES = 8
-#: tokens per window when the model's sequence dim is symbolic.
-TEXT_WINDOW = 128
 QUANTIZED_LEVELS = 128
 
 
@@ -185,17 +183,9 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, tokenizer: str
 
 def _text_calibration(path: str | Path, model: onnx.ModelProto, tokenizer: str | Path,
                       samples: int) -> list[dict[str, np.ndarray]]:
-    from passes.numerics.perplexity import TOKEN_INPUT, lm_feeds, load_tokenizer, read_text, text_windows
+    from passes.numerics.perplexity import text_feeds
 
-    value = next((v for v in model.graph.input if v.name == TOKEN_INPUT), None)
-    dims = list(value.type.tensor_type.shape.dim) if value is not None else []
-    if len(dims) != 2:
-        raise VerificationError(f"text calibration needs a 2-D '{TOKEN_INPUT}' input [batch, seq]; the model's "
-                                f"inputs are {[v.name for v in model.graph.input]}")
-    batch, window = (d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else default
-                     for d, default in zip(dims, (1, TEXT_WINDOW)))
-    windows = text_windows(read_text(path), load_tokenizer(tokenizer), window=window, count=samples * batch)
-    return [lm_feeds(model, windows[i * batch:(i + 1) * batch]) for i in range(samples)]
+    return text_feeds(model, path, tokenizer, samples)
 
 
 def generated_feeds(model: onnx.ModelProto, count: int = GENERATED_SAMPLES,

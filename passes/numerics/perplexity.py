@@ -34,6 +34,8 @@ _FILLED: Mapping[str, Callable[[np.ndarray], np.ndarray]] = {
     "position_ids": lambda ids: np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy(),
 }
 TOKEN_INPUT = "input_ids"
+#: tokens per window where the model's sequence dim is symbolic.
+DEFAULT_WINDOW = 128
 
 
 @dataclass(frozen=True)
@@ -125,14 +127,31 @@ def perplexity(model: onnx.ModelProto, windows: np.ndarray, *, runner: ModelRunn
     return PerplexityResult(math.exp(mean), mean, int(nll.size), len(losses))
 
 
+def token_shape(model: onnx.ModelProto) -> tuple[int, int]:
+    """(batch, window) of the model's `input_ids`: its static dims, else 1 and `DEFAULT_WINDOW`."""
+    value = next((v for v in model.graph.input if v.name == TOKEN_INPUT), None)
+    dims = list(value.type.tensor_type.shape.dim) if value is not None else []
+    if len(dims) != 2:
+        raise VerificationError(f"text needs a 2-D '{TOKEN_INPUT}' input [batch, seq]; the model's inputs are "
+                                f"{[v.name for v in model.graph.input]}")
+    batch, window = (d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else default
+                     for d, default in zip(dims, (1, DEFAULT_WINDOW)))
+    return batch, window
+
+
+def text_feeds(model: onnx.ModelProto, text: str | os.PathLike[str], tokenizer: str | os.PathLike[str],
+               count: int) -> list[dict[str, np.ndarray]]:
+    """`count` input sets for a language model: windows of `text` at its `input_ids` shape."""
+    batch, window = token_shape(model)
+    windows = text_windows(read_text(text), load_tokenizer(tokenizer), window=window, count=count * batch)
+    return [lm_feeds(model, windows[i * batch:(i + 1) * batch]) for i in range(count)]
+
+
 def eval_windows(model: onnx.ModelProto, text: str | os.PathLike[str], tokenizer: str | os.PathLike[str],
                  count: int) -> list[np.ndarray]:
     """`count` x batch windows of `text` at the model's `input_ids` shape (128 tokens where it is symbolic),
     one row each."""
-    from passes.numerics.calibration import load_calibration
-
-    feeds = load_calibration(text, model, tokenizer=tokenizer, samples=count)
-    return [row for feed in feeds for row in feed[TOKEN_INPUT]]
+    return [row for feed in text_feeds(model, text, tokenizer, count) for row in feed[TOKEN_INPUT]]
 
 
 def perplexity_change(original: onnx.ModelProto, quantized: onnx.ModelProto, rows: list[np.ndarray]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from passes.transforms._quantize import (
     MIN_OPSET,
     ActivationQuantization,
     Granularity,
+    QuantizedWeight,
     QuantizeOptions,
     Scheme,
     activation_quantization,
@@ -53,6 +54,7 @@ from passes.transforms._quantize import (
     quantize_weight,
     refusal,
     stored_weight,
+    WeightedMatMul,
     weighted_matmul,
 )
 from passes.transforms._sensitivity import LayerSensitivity, local_sqnr
@@ -74,14 +76,18 @@ class _QuantizeRule(RewriteRule):
     def check(self, match: Match, ctx: RewriteContext) -> str | None:
         return refusal(match["mm"], ctx, self.options)
 
+    @staticmethod
+    def weight(match: Match, ctx: RewriteContext) -> tuple[WeightedMatMul, str, QuantizedWeight]:
+        """The matched matmul, the base name of what replaces it, and its int8 weight."""
+        mm = match["mm"]
+        return mm, mm.node.name or "matmul", quantize_weight(stored_weight(mm, ctx), 0 if mm.trans_b else 1)
+
 
 class QuantizeDynamicW8A8(_QuantizeRule):
     math = "MatMul(x, W) -> Mul(Cast(MatMulInteger(DynamicQuantizeLinear(x), Wq, zx)), sx * sW)"
 
     def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
-        mm = match["mm"]
-        base = mm.node.name or "matmul"
-        quantized = quantize_weight(stored_weight(mm, ctx), 0 if mm.trans_b else 1)
+        mm, base, quantized = self.weight(match, ctx)
         x_q, x_scale, x_zero = (ctx.variable(f"{base}/{part}", dtype)
                                 for part, dtype in (("x_uint8", np.uint8), ("x_scale", np.float32),
                                                     ("x_zero_point", np.uint8)))
@@ -97,9 +103,7 @@ class QuantizeTokenW8A8(_QuantizeRule):
     math = "MatMul(x, W) -> Mul(Mul(Cast(MatMulInteger(QuantizeLinear(x / s_row, 1, 128), Wq, 128)), sW), s_row)"
 
     def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
-        mm = match["mm"]
-        base = mm.node.name or "matmul"
-        quantized = quantize_weight(stored_weight(mm, ctx), 0 if mm.trans_b else 1)
+        mm, base, quantized = self.weight(match, ctx)
         nodes, x_q, row_scale = per_token_quantize(ctx, mm.x, base)
         x_zero = nodes[-1].inputs[2]  # QuantizeLinear's zero point, the constant 128
         weight_scale = ctx.const(f"{base}/weight_scale", (quantized.scale * np.float32(mm.alpha)).astype(np.float32))
@@ -121,10 +125,8 @@ class QuantizeStaticW8A8(_QuantizeRule):
         return reason
 
     def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
-        mm = match["mm"]
-        base = mm.node.name or "matmul"
+        mm, base, quantized = self.weight(match, ctx)
         params = self.activations[mm.x.name]
-        quantized = quantize_weight(stored_weight(mm, ctx), 0 if mm.trans_b else 1)
         x_scale = ctx.const(f"{base}/x_scale", np.array(params.scale, dtype=np.float32))
         x_zero = ctx.const(f"{base}/x_zero_point", np.array(params.zero_point, dtype=np.uint8))
         x_q = ctx.variable(f"{base}/x_uint8", np.uint8)
@@ -139,10 +141,8 @@ class QuantizeWeightOnlyW8A16(_QuantizeRule):
     math = "MatMul(x, W) -> MatMul(x, DequantizeLinear(Wq, sW, axis=n))"
 
     def rewrite(self, match: Match, ctx: RewriteContext) -> Replacement:
-        mm = match["mm"]
-        base = mm.node.name or "matmul"
+        mm, base, quantized = self.weight(match, ctx)
         axis = 0 if mm.trans_b else 1
-        quantized = quantize_weight(stored_weight(mm, ctx), axis)
         weight = ctx.variable(f"{base}/weight_dequantized", np.float32)
         inputs = [ctx.const(f"{base}/weight_int8", quantized.values), ctx.const(f"{base}/weight_scale", quantized.scale)]
         nodes = [ctx.node("DequantizeLinear", inputs, [weight], base=f"{base}/dequantize_weight", axis=axis)]

@@ -9,8 +9,9 @@ consistent, and a cheap structural fingerprint for contract checks.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -259,13 +260,38 @@ def _infer_into(graph: gs.Graph, skeleton: onnx.ModelProto) -> int:
         logger.warning("shape inference failed, continuing without it: %s", str(err).splitlines()[0])
         return 0
     tensors = graph.tensors()
+    fresh = _fresh_dims(graph, skeleton)
     changed = 0
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
         tensor = tensors.get(info.name)
         if tensor is None or isinstance(tensor, gs.Constant) or not info.type.HasField("tensor_type"):
             continue
-        changed += _apply_value_info(tensor, info.type.tensor_type)
+        changed += _apply_value_info(tensor, info.type.tensor_type, fresh)
     return changed
+
+
+_INFERRED_DIM = re.compile(r"unk__\d+")
+_OUR_DIM = re.compile(r"passes_dim(\d+)_")
+
+
+def _fresh_dims(graph: gs.Graph, skeleton: onnx.ModelProto) -> Callable[[str], str]:
+    """Renames for the dims one inference run invents (`unk__N`): every run numbers them from 0, so a
+    name kept from an earlier run would claim equal dims that are not (onnxruntime's memory planner
+    trusts dim_params and reuses buffers on that claim). A run's names become `passes_dim<run>_<N>`:
+    equal within the run, where inference made them equal, and distinct from every other run's (the run
+number is past any the graph already holds, so re-imported and reloaded models are safe too)."""
+    declared = {d.dim_param for value in (*skeleton.graph.input, *skeleton.graph.output)
+                for d in value.type.tensor_type.shape.dim if d.dim_param}
+    runs = [int(match.group(1)) for tensor in graph.tensors().values() for dim in (tensor.shape or ())
+            if isinstance(dim, str) and (match := _OUR_DIM.match(dim))]
+    run = max(runs, default=0) + 1  # past every run whose names the graph (or the model it came from) holds
+
+    def rename(name: str) -> str:
+        if name in declared or not _INFERRED_DIM.fullmatch(name):
+            return name
+        return f"passes_dim{run}_{name.removeprefix('unk__')}"
+
+    return rename
 
 
 def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -344,7 +370,7 @@ def _empty_like(ir_version: int, opsets: Iterable[onnx.OperatorSetIdProto], func
     return skeleton
 
 
-def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor) -> int:
+def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor, rename: Callable[[str], str]) -> int:
     changed = 0
     if info.elem_type:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
@@ -352,7 +378,8 @@ def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor) -> int:
             tensor.dtype = dtype
             changed = 1
     if info.HasField("shape"):
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in info.shape.dim]
+        shape = [d.dim_value if d.HasField("dim_value") else (rename(d.dim_param) if d.dim_param else None)
+                 for d in info.shape.dim]
         old = list(tensor.shape) if tensor.shape is not None else None
         if old != shape and (old is None or _more_static(shape, old)):
             tensor.shape = shape

@@ -138,8 +138,18 @@ BENCH_ARCHS: Mapping[str, ArchSpec] = MappingProxyType(
 )
 
 
+#: deep exports: 32 layers at the tiny width, where the pipeline's symbolic dims must stay distinct across
+#: dozens of shape-inference runs (two layers never show a collision; issue 14 found one at layer 13)
+DEEP_ARCHS: Mapping[str, ArchSpec] = MappingProxyType(
+    {
+        "llama-deep": ArchSpec("LlamaConfig", "LlamaForCausalLM", {**_DECODER_SIZES, "num_hidden_layers": 32},
+                               ("input_ids",), "logits", forward_kwargs={"use_cache": False}),
+    }
+)
+
+
 def _spec(arch: str) -> ArchSpec:
-    known = {**ARCHS, **BENCH_ARCHS}
+    known = {**ARCHS, **BENCH_ARCHS, **DEEP_ARCHS}
     try:
         return known[arch]
     except KeyError:

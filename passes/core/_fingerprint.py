@@ -45,8 +45,14 @@ def fingerprint(graph: gs.Graph) -> int:
             add((values.dtype, tuple(values.shape)))
         else:
             shape = tensor.shape
-            add((tensor.dtype, tuple(shape) if shape is not None else None))
+            add((_type_key(tensor.dtype), tuple(shape) if shape is not None else None))
     return hash(tuple(parts))
+
+
+def _type_key(dtype: object) -> object:
+    """A tensor's dtype, hashable: graphsurgeon keeps optional and other non-tensor types as TypeProtos."""
+    serialize = getattr(dtype, "SerializeToString", None)
+    return ("type", serialize(deterministic=True)) if serialize is not None else dtype
 
 
 def _attr_key(value: object) -> object:

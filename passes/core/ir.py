@@ -19,9 +19,11 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
+from passes.core import _gs_compat
 from passes.core._fingerprint import fingerprint, node_count  # noqa: F401 (part of ir's surface)
 
 
+_gs_compat.install()
 logger = logging.getLogger(__name__)
 
 Graph = gs.Graph

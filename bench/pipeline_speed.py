@@ -2,7 +2,7 @@
 
 Side by side, in one process run, on the bundled tiny-llama decoder at 2, 8 and 32 layers (the 32-layer
 TorchScript-idiom graph has ~6,500 nodes): our default pipeline (`passes.optimize`, checker on, and
-with the checker off), onnxsim, onnxruntime's offline optimizer (ORT_ENABLE_EXTENDED, writing the
+with the checker off), onnxsim, onnxslim, onnxruntime's offline optimizer (ORT_ENABLE_EXTENDED, writing the
 optimized model), and onnxoptimizer. Each tool is warmed up once (imports excluded); each timing is
 the best of `--repeat` runs. Prints a table with
 ratios against onnxsim and growth against the smallest graph, and writes JSON.
@@ -49,6 +49,12 @@ def _onnxsim(model: onnx.ModelProto) -> None:
     onnxsim.simplify(model)
 
 
+def _onnxslim(model: onnx.ModelProto) -> None:
+    import onnxslim
+
+    onnxslim.slim(model)
+
+
 def _ort_offline(model: onnx.ModelProto) -> None:
     import onnxruntime as ort
 
@@ -69,6 +75,7 @@ TOOLS: dict[str, Callable[[onnx.ModelProto], object]] = {
     "ours": passes.optimize,
     "ours -chk": lambda m: PassManager(check=False).run(m),
     "onnxsim": _onnxsim,
+    "onnxslim": _onnxslim,
     "ORT": _ort_offline,
     "onnxopt": _onnxoptimizer,
 }
@@ -118,6 +125,7 @@ def render(result: dict[str, object]) -> None:
     for name in TOOLS:
         table.add_column(name, justify="right")
     table.add_column("ours/onnxsim", justify="right")
+    table.add_column("ours/onnxslim", justify="right")
     table.add_column("growth nodes/ours vs first row", justify="right")
     for row in rows:
         secs = row["seconds"]
@@ -127,7 +135,7 @@ def render(result: dict[str, object]) -> None:
         table.add_row(
             row["model"], f"{row['nodes']} -> {row['nodes_after']}",
             *(f"{secs[name]:.3f}" for name in TOOLS),
-            f"{ratio:.2f}x", f"{growth_nodes:.1f}x/{growth_time:.1f}x",
+            f"{ratio:.2f}x", f"{secs['ours'] / secs['onnxslim']:.2f}x", f"{growth_nodes:.1f}x/{growth_time:.1f}x",
         )
     Console().print(table)
 

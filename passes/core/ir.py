@@ -284,14 +284,16 @@ def _fresh_dims(graph: gs.Graph, skeleton: onnx.ModelProto) -> Callable[[str], s
 number is past any the graph already holds, so re-imported and reloaded models are safe too)."""
     declared = {d.dim_param for value in (*skeleton.graph.input, *skeleton.graph.output)
                 for d in value.type.tensor_type.shape.dim if d.dim_param}
-    runs = [int(match.group(1)) for tensor in graph.tensors().values() for dim in (tensor.shape or ())
-            if isinstance(dim, str) and (match := _OUR_DIM.match(dim))]
-    run = max(runs, default=0) + 1  # past every run whose names the graph (or the model it came from) holds
+    run: list[int] = []  # found on the first invented name: most runs invent none
 
     def rename(name: str) -> str:
         if name in declared or not _INFERRED_DIM.fullmatch(name):
             return name
-        return f"passes_dim{run}_{name.removeprefix('unk__')}"
+        if not run:  # past every run whose names the graph (or the model it came from) holds
+            run.append(1 + max((int(match.group(1)) for tensor in graph.tensors().values()
+                                for dim in (tensor.shape or ())
+                                if isinstance(dim, str) and (match := _OUR_DIM.match(dim))), default=0))
+        return f"passes_dim{run[0]}_{name.removeprefix('unk__')}"
 
     return rename
 

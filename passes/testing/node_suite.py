@@ -1,8 +1,9 @@
 """The ONNX backend node suite (`onnx.backend.test.case.node`, ~1,900 one-op cases) through the default
 pipeline: what `tests/node_suite` asserts and what a plug-in author can run on their own pipeline.
 
+    from passes import optimize                    # or your own model -> model pipeline
     for case in node_cases():                      # the cases onnxruntime runs (others: skipped)
-        outcome = check_case(case)                 # "preserved", "refused: <reason>" or raises
+        outcome = check_case(case, optimize)       # "preserved", "refused: <reason>" or raises
 
 A case is preserved when the rewritten model (shapes frozen at the case's inputs) still runs in
 onnxruntime and its outputs equal the original's under onnxruntime (same feeds; NaN where NaN; float
@@ -13,13 +14,16 @@ any other exception is a crash, and so is a mismatch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from passes.core.errors import PassesError
+
+#: what `check_case` runs: `passes.optimize`'s signature (model, input_shapes=...) -> model
+Pipeline = Callable[..., onnx.ModelProto]
 
 #: the pipeline may fold constants with numpy, which rounds differently from onnxruntime's kernels.
 RTOL, ATOL = 1e-4, 1e-5
@@ -77,11 +81,10 @@ def frozen_shapes(case: NodeCase) -> dict[str, tuple[int, ...]]:
             if isinstance(value, np.ndarray)}
 
 
-def check_case(case: NodeCase) -> str:
+def check_case(case: NodeCase, optimize: Pipeline) -> str:
     """'preserved', or 'refused: <reason>'; raises `CaseMismatch` when the outputs differ, and whatever
-    the pipeline raised when it crashed."""
-    from passes.api import optimize
-
+    the pipeline raised when it crashed. `optimize(model, input_shapes=...)` is the pipeline under test
+    (this module sits below the API and does not pick it)."""
     logging.getLogger("passes").setLevel(logging.ERROR)
     try:
         optimized = optimize(case.model, input_shapes=frozen_shapes(case))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 
+from passes import optimize
 from passes.testing.node_suite import CaseMismatch, check_case, node_cases
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ def test_the_node_suite_survives_the_default_pipeline() -> None:
     mismatches: dict[str, str] = {}
     for case in node_cases():
         try:
-            outcomes[case.name] = check_case(case)
+            outcomes[case.name] = check_case(case, optimize)
         except CaseMismatch as err:
             mismatches[case.name] = str(err)
         except Exception as err:  # noqa: BLE001 - a crash: what the test exists to catch

@@ -2,6 +2,6 @@
 
 import sys
 
-from passes.cli.main import main
+from passes.cli._entry import main
 
 sys.exit(main())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +15,37 @@ from passes.core.errors import PipelineError
 from passes.frontend.prepare import DEFAULT_MIN_LAYER_SQNR, DEFAULT_SMOOTH
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ModelFile(click.Path):
+    """A model file to write: a `Path`; a name ending in '/' (a folder, existing or not) is refused."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value!r} names a folder (trailing '/'); give the model file's name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Tolerance(click.ParamType):
+    """A finite, non-negative float (`nan` and `inf` would make every comparison pass or fail)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r}: a tolerance is a finite number >= 0", param, ctx)
+        return number
+
+
+#: seeds numpy takes (SeedSequence entropy is unbounded, but a seed past 2**63 is a typo)
+SEED = click.IntRange(min=0, max=2**63 - 1)
 
 
 def _debug_option(func: F) -> F:
@@ -33,6 +66,30 @@ def _parse_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
             raise PipelineError(f"--shape {value}: {err}") from None
     return shapes
 
+
+_SIZE_SUFFIX = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4096', '512M', '2G', '1.5GiB' -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if match is None:
+        raise click.BadParameter(f"expected a size like 512M or 2G, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_SUFFIX[match.group(2)])
+
+
+def _set_feed_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    from passes.numerics.verify import _MAX_FEED_BYTES
+
+    if value is not None:
+        _MAX_FEED_BYTES.set(parse_bytes(value))  # main() runs each command in its own context
+
+
+_feed_budget_option = click.option(
+    "--max-feed-bytes", metavar="SIZE", default=None, expose_value=False, callback=_set_feed_budget,
+    help="Refuse generated inputs larger than SIZE in all (e.g. 512M; default: an eighth of RAM).")
 
 _shape_option = click.option(
     "--shape", "shapes", multiple=True, metavar="NAME=DIMS", help="Bind an input's dims, e.g. input_ids=1x128."

@@ -14,13 +14,10 @@ from pathlib import Path
 
 import click
 
-from passes.core.errors import PassesError
-from passes.cli._options import _debug_option, _json_option, _parse_shapes, _print_json, _shape_option, quality_options
+from passes.cli._options import SEED, ModelFile, Tolerance, _debug_option, _feed_budget_option, _json_option, _parse_shapes, _print_json, _shape_option, quality_options
 from passes.samples import SAMPLE_NAMES
 
 EXIT_MISMATCH = 1
-EXIT_USER_ERROR = 2
-EXIT_INTERNAL = 70
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,14 +29,16 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
+@click.option("-o", "--output", type=ModelFile(), required=True, help="Where to write the result.")
 @click.option("-p", "--pipeline", default="canonicalize", show_default=True, help="Pipeline string or name.")
 @_shape_option
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write every intermediate graph to this folder.")
 @click.option("--verify", is_flag=True, help="Compare with the input after every pass (onnxruntime).")
-@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance for --verify.")
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance for --verify.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs for --verify.")
+@click.option("--rtol", type=Tolerance(), default=1e-4, show_default=True, help="Relative tolerance for --verify.")
+@click.option("--atol", type=Tolerance(), default=1e-5, show_default=True, help="Absolute tolerance for --verify.")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the random inputs for --verify.")
+@_feed_budget_option
 @click.option("--no-check", is_flag=True, help="Skip the ONNX checker after each pass.")
 @click.option("--explain", is_flag=True, help="Show why rewrites that matched were not applied.")
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input file.")
@@ -63,9 +62,11 @@ def opt(
     """Rewrite MODEL with a pipeline of passes and write the result to -o."""
     from passes.cli import _render
     from passes.core.io import check_output_path, load_model, save_model
-    from passes.infra.manager import PassManager
+    from passes.infra.manager import PassManager, check_dump_folder
 
     check_output_path(output, source=model, in_place=in_place)
+    if dump_ir is not None:
+        check_dump_folder(dump_ir, source=model, output=output)
     manager = PassManager(
         pipeline,
         input_shapes=_parse_shapes(shapes),
@@ -101,6 +102,7 @@ def opt(
 @quality_options
 @click.option("--tuning", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Build with the best schedules of a `passes tune` session folder.")
+@_feed_budget_option
 @_json_option
 @_debug_option
 def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipeline: str | None,
@@ -138,7 +140,7 @@ def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipe
 @click.option("--key", default=None, help="Device key the RPC servers registered with (with --tracker).")
 @click.option("--builders", type=click.IntRange(min=1), default=None, help="Build worker processes.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Candidates per search round.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the search.")
 @click.option("--int8-only", is_flag=True, help="Tune only the INT8 kernels (passes.kernels), not the other fused kernels.")
 @_json_option
 @_debug_option
@@ -193,9 +195,10 @@ def list_passes(as_json: bool) -> None:
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
 @_shape_option
-@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance.")
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--rtol", type=Tolerance(), default=1e-4, show_default=True, help="Relative tolerance.")
+@click.option("--atol", type=Tolerance(), default=1e-5, show_default=True, help="Absolute tolerance.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
+@_feed_budget_option
 @_json_option
 @_debug_option
 def verify(
@@ -276,14 +279,14 @@ def inspect(model: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("name", type=click.Choice(SAMPLE_NAMES))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the model.")
+@click.option("-o", "--output", type=ModelFile(), required=True, help="Where to write the model.")
 @click.option("--idiom", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="Which exporter's graph idioms to reproduce.")
 @click.option("--layers", type=int, default=2, show_default=True)
 @click.option("--hidden", type=int, default=64, show_default=True)
 @click.option("--heads", type=int, default=4, show_default=True)
 @click.option("--vocab", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @_debug_option
 def sample(
     name: str, output: Path, idiom: str, layers: int, hidden: int, heads: int, vocab: int, seed: int
@@ -330,40 +333,3 @@ def show_target(name: str, as_json: bool) -> None:
     else:
         _render.target_details(target)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: run the CLI, turning library errors into one line and an exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
-    try:
-        cli.main(args=args, prog_name="passes", standalone_mode=False)
-    except click.exceptions.Exit as done:
-        return int(done.exit_code or 0)
-    except click.ClickException as err:  # usage mistakes: one line too, with where to look
-        if debug:
-            raise
-        hint = ""
-        if isinstance(err, click.UsageError) and err.ctx is not None:
-            hint = f" (see '{err.ctx.command_path} --help')"
-        click.echo(f"error: {err.format_message()}{hint}", err=True)
-        return err.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except PassesError as err:
-        if debug:
-            raise
-        click.echo(f"error: {err}", err=True)
-        return EXIT_USER_ERROR
-    except SystemExit as done:
-        return int(done.code or 0) if not isinstance(done.code, str) else EXIT_USER_ERROR
-    except Exception as err:
-        if debug:
-            raise
-        click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
-        return EXIT_INTERNAL
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

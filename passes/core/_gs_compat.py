@@ -1,4 +1,4 @@
-"""Two gaps in onnx-graphsurgeon 0.5/0.6's exporter, closed where it is imported (`passes.core.ir`):
+"""Gaps in onnx-graphsurgeon 0.5/0.6's exporter, closed where it is imported (`passes.core.ir`):
 
 - a tensor of type `optional(...)` (a graph or subgraph input/output) has no exporter: graphsurgeon
   imports it with `type == "optional_type"` and the element's TypeProto as its dtype, then fails on export
@@ -8,6 +8,10 @@
 - TYPE_PROTO attributes (`Optional`'s `type`, `SequenceEmpty`-like ops) are dropped on import with a
   warning, so an empty `Optional` loses its type and the model no longer loads. They are kept as
   TypeProto values, which `onnx.helper.make_attribute` exports as they were.
+
+- the exporter builds the graph with `initializer.extend(...)`, which copies each TensorProto through
+  serialisation: a constant past protobuf's 2 GiB limit fails with `EncodeError`. `export_onnx` exports
+  such constants as placeholders and copies them in with CopyFrom, which has no limit.
 
 graphsurgeon's own warnings (printed to stdout: "Model does not contain ONNX domain opset information",
 "colored module is not installed", skipped attributes) are raised to errors only: they are not the user's
@@ -24,12 +28,48 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.exporters import onnx_exporter
 from onnx_graphsurgeon.importers import onnx_importer
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from passes.core._validate import element_bits
 
 _PATCHED = "_passes_compat"
 _TYPE_ATTRIBUTES = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+
+
+#: constants at least this large bypass the exporter's `extend` (see the module docstring)
+EXTEND_LIMIT = 2**30
+
+
+def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
+    """`gs.export_onnx(graph)` (types unchecked) for graphs with constants of any size."""
+    held = [(tensor, tensor._values) for tensor in graph.tensors().values()
+            if isinstance(tensor, gs.Constant) and _stored_bytes(tensor._values) >= EXTEND_LIMIT]
+    try:
+        for tensor, _ in held:
+            tensor._values = np.zeros(0, np.float32)  # a placeholder initializer, replaced below
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in held:
+            tensor._values = values
+    slots = {t.name: t for t in model.graph.initializer} if held else {}
+    for tensor, values in held:
+        slots[tensor.name].CopyFrom(values.tensor if isinstance(values, LazyValues) else numpy_helper.from_array(values))
+        slots[tensor.name].name = tensor.name
+    return model
+
+
+def _stored_bytes(values: object) -> int:
+    """Bytes a constant's values take, without loading lazy ones."""
+    if isinstance(values, LazyValues):
+        count = 1
+        for dim in values.tensor.dims:
+            count *= dim
+        return count * max(1, element_bits(values.tensor.data_type) // 8)
+    return int(getattr(values, "nbytes", 0))
 
 
 def install() -> None:

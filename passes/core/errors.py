@@ -6,6 +6,23 @@ Every error a user can cause (a bad file, a bad pipeline string, a bad option) i
 
 from __future__ import annotations
 
+import re
+
+#: a name (a run of non-blank characters) longer than this is shortened in the middle in one-line messages
+NAME_LIMIT = 120
+#: and the whole line never exceeds this many characters
+LINE_LIMIT = 400
+_LONG_WORD = re.compile(r"\S{%d,}" % (NAME_LIMIT + 1))
+
+
+def one_line(text: str) -> str:
+    """`text` as one bounded terminal line: control characters escaped (a newline in a tensor name
+    shows as \\n), names past `NAME_LIMIT` characters shortened in the middle, at most `LINE_LIMIT`."""
+    escaped = "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in text.strip())
+    half = NAME_LIMIT // 2 - 1
+    short = _LONG_WORD.sub(lambda m: f"{m.group()[:half]}...{m.group()[-half:]}", escaped)
+    return short if len(short) <= LINE_LIMIT else f"{short[:LINE_LIMIT - 3]}..."
+
 
 class PassesError(Exception):
     """Base class of every error the library raises on purpose."""

@@ -20,12 +20,14 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from passes.core._external_write import with_external_data
+from passes.core._validate import (PROTOBUF_LIMIT, densify_sparse_initializers, element_bits, external_info, proto_size,
+                                   validate_model)
 from passes.core.errors import ModelLoadError, ModelSaveError
 
 logger = logging.getLogger(__name__)
 
 #: protobuf cannot serialise a message of 2 GiB or more; larger models keep weights in external data.
-PROTOBUF_LIMIT = 2**31 - 1
 #: tensors at least this large move to the external data file when a model is saved that way.
 EXTERNAL_DATA_MIN_BYTES = 1024
 
@@ -52,34 +54,38 @@ def load_model_with_info(path: str | os.PathLike[str], *, check: bool = True) ->
     (with `check`) the ONNX checker accepts it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such file")
     try:
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such file" if not path.is_symlink() else f"{path}: a broken symlink")
         model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as err:
+    except OSError as err:
+        raise ModelLoadError(f"{path}: cannot read ({err.strerror or _first_line(err)})") from err
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{path}: not an ONNX model or truncated ({_first_line(err)})") from err
     if not model.HasField("graph") or model.ir_version <= 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version)")
+    validate_model(model, label=str(path))
     base_dir = path.resolve().parent
     files = sorted({_check_external_location(path, base_dir, t) for t in _external_tensors(model)})
     if files:
         external = list(_external_tensors(model))
         try:
             external_data_helper.load_external_data_for_model(model, str(base_dir))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, onnx.checker.ValidationError) as err:  # onnx refuses symlinked data
             raise ModelLoadError(f"{path}: cannot read external data ({_first_line(err)})") from err
         for tensor in external:
             _check_loaded_size(path, tensor)
+    densify_sparse_initializers(model, label=str(path))
     check_graph_structure(model.graph, label=str(path))
     if check:
-        _run_checker(model, path)
+        _run_checker(model, path, external=bool(files) or proto_size(model) >= PROTOBUF_LIMIT)
     return LoadedModel(model, path, tuple(files))
 
 
 def check_graph_structure(graph: onnx.GraphProto, *, label: str) -> None:
     """Raise `ModelLoadError` if a node uses an undefined tensor or the graph has a cycle."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.name for t in graph.sparse_initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
     producers: dict[str, int] = {}
     for index, node in enumerate(graph.node):
         for out in node.output:
@@ -136,21 +142,24 @@ def _external_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
 
 def _check_external_location(path: Path, base_dir: Path, tensor: onnx.TensorProto) -> str:
     """Validate one tensor's external data reference; return its location."""
-    info = external_data_helper.ExternalDataInfo(tensor)
-    location = info.location
     where = f"{path}: external data of tensor '{tensor.name}'"
-    if not location:
-        raise ModelLoadError(f"{where} has no location")
+    location, offset, length = external_info(tensor, f"{path}: tensor '{tensor.name}'")
+    if "\x00" in location:
+        raise ModelLoadError(f"{where}: the location {location!r} holds a NUL character")
     if os.path.isabs(location) or Path(location).drive or ".." in Path(location).parts:
         raise ModelLoadError(f"{where} points outside the model's folder ('{location}')")
-    target = (base_dir / location).resolve()
-    if base_dir not in target.parents:
-        raise ModelLoadError(f"{where} resolves outside the model's folder ('{location}')")
-    if not target.is_file():
-        raise ModelLoadError(f"{where}: file '{location}' does not exist")
-    size = target.stat().st_size
-    offset = info.offset or 0
-    if info.length is not None and info.length > 0 and offset + info.length > size:
+    try:
+        target = (base_dir / location).resolve(strict=False)
+        if base_dir not in target.parents:
+            raise ModelLoadError(f"{where} resolves outside the model's folder ('{location}')")
+        if not target.is_file():
+            raise ModelLoadError(f"{where}: file '{location}' does not exist")
+        size = target.stat().st_size
+    except (OSError, RuntimeError) as err:  # a symlink loop, a name too long
+        raise ModelLoadError(f"{where}: cannot open '{location}' ({getattr(err, 'strerror', None) or err})") from err
+    if offset > size:
+        raise ModelLoadError(f"{where} starts past the end of '{location}' (offset {offset}, {size} bytes)")
+    if length is not None and length > 0 and offset + length > size:
         raise ModelLoadError(f"{where} reads past the end of '{location}' (truncated data file?)")
     return location
 
@@ -162,7 +171,7 @@ def _check_loaded_size(path: Path, tensor: onnx.TensorProto) -> None:
     count = 1
     for dim in tensor.dims:
         count *= dim
-    bits = _element_bits(tensor.data_type)
+    bits = element_bits(tensor.data_type)
     expected = (count * bits + 7) // 8
     if len(tensor.raw_data) != expected:
         raise ModelLoadError(
@@ -171,25 +180,36 @@ def _check_loaded_size(path: Path, tensor: onnx.TensorProto) -> None:
         )
 
 
-def _element_bits(data_type: int) -> int:
-    if data_type in _FOUR_BIT_TYPES:
-        return 4
-    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize * 8
-
-
-_FOUR_BIT_TYPES = frozenset(
-    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
-)
-
-
-def _run_checker(model: onnx.ModelProto, path: Path) -> None:
+def _run_checker(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
-        else:  # the checker re-reads large models (and their external data) from disk itself
+        if external:  # the checker reads the file's proto, with external references, not our loaded copy
             onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as err:
         raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(err)}") from err
+    _check_shapes_agree(model, path)
+
+
+def _check_shapes_agree(model: onnx.ModelProto, path: Path) -> None:
+    """Strict shape inference on the model without its weight bytes: a node whose input shapes or types
+    contradict its op (a [N,4] @ [5,5] MatMul) is refused here, not deep inside a pass or a build.
+
+    An error raised inside the body of an ONNX function op (MeanVarianceNormalization-13's body trips
+    onnx's own Constant check) is onnx's, not the model's: those are let through."""
+    from passes.core.ir import model_skeleton
+
+    try:
+        onnx.shape_inference.infer_shapes(model_skeleton(model), strict_mode=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as err:
+        # one error per failing node, each on its own line(s): "(op_type:X, node name: n): [...] why"
+        text = str(err).removeprefix("[ShapeInferenceError] Inference error(s): ")
+        errors = [line for line in text.splitlines() if line.startswith("(op_type:")]
+        own = [line for line in errors if "Inference error(s):" not in line]  # not from a function body
+        if errors and not own:
+            return
+        first = own[0] if own else " ".join(text.split())
+        raise ModelLoadError(f"{path}: shapes or types do not agree: {first}") from err
 
 
 def _first_line(err: BaseException) -> str:
@@ -214,9 +234,13 @@ def save_model(
     complete, or the old output is untouched.
     """
     path = check_output_path(path, source=source, in_place=in_place)
+    try:
+        validate_model(model, label=str(path))
+    except ModelLoadError as err:
+        raise ModelSaveError(f"refusing to write an invalid model: {err}") from err
     parent = path.parent
     if external_data is None:
-        external_data = model.ByteSize() >= PROTOBUF_LIMIT
+        external_data = proto_size(model) >= PROTOBUF_LIMIT
     old_data = _own_data_files(path)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
@@ -259,14 +283,42 @@ def check_output_path(
     path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None = None, in_place: bool = False
 ) -> Path:
     """Raise `ModelSaveError` unless `path` can take a model (checked before any work is done)."""
+    text = os.fspath(path)
+    if isinstance(text, str) and text.endswith(("/", os.sep)):
+        raise ModelSaveError(f"{text}: names a folder (trailing '/'); give the model file's name")
     path = Path(path)
-    if source is not None and not in_place and _same_file(path, Path(source)):
-        raise ModelSaveError(f"{path}: refusing to overwrite the input model (pass --in-place to allow it)")
-    if path.is_dir():
-        raise ModelSaveError(f"{path}: is a directory")
-    if not path.parent.is_dir():
-        raise ModelSaveError(f"{path}: folder '{path.parent}' does not exist")
+    try:
+        if source is not None and not in_place and _same_file(path, Path(source)):
+            raise ModelSaveError(f"{path}: refusing to overwrite the input model (pass --in-place to allow it)")
+        if source is not None and path.is_file() and any(_same_file(path, data) for data in input_files(source)):
+            raise ModelSaveError(f"{path}: refusing to overwrite the input model's external data")
+        if path.is_dir():
+            raise ModelSaveError(f"{path}: is a directory")
+        if not path.parent.is_dir():
+            raise ModelSaveError(f"{path}: folder '{path.parent}' does not exist")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ModelSaveError(f"{path}: folder '{path.parent}' is not writable")
+    except OSError as err:
+        raise ModelSaveError(f"{path}: cannot write there ({err.strerror or _first_line(err)})") from err
     return path
+
+
+def input_files(model_path: str | os.PathLike[str]) -> list[Path]:
+    """The files a model reads besides itself: its external data files, resolved in its folder (no
+    checks: a model that cannot be parsed reads none)."""
+    model_path = Path(model_path)
+    try:
+        model = onnx.load_model(str(model_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model: loading it will say so
+        return []
+    base = model_path.parent
+    locations = set()
+    for tensor in _external_tensors(model):
+        try:
+            locations.add(external_data_helper.ExternalDataInfo(tensor).location)
+        except (ValueError, KeyError):
+            continue
+    return [base / location for location in sorted(locations) if location]
 
 
 def _stage(model: onnx.ModelProto, staged_path: Path, external_data: bool, *, token: str) -> list[str]:
@@ -278,16 +330,19 @@ def _stage(model: onnx.ModelProto, staged_path: Path, external_data: bool, *, to
             os.fsync(handle.fileno())
         return [staged_path.name]
     data_name = f"{staged_path.name}.{token}.data"
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # convert_model_to_external_data mutates its argument
-    external_data_helper.convert_model_to_external_data(
-        copy, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_DATA_MIN_BYTES
-    )
-    onnx.save_model(copy, str(staged_path))
-    names = [staged_path.name]
-    if (staged_path.parent / data_name).exists():
-        names.insert(0, data_name)
-    return names
+    with open(staged_path.parent / data_name, "wb") as data:
+        written = with_external_data(model, data, data_name, min_bytes=EXTERNAL_DATA_MIN_BYTES)
+        data.flush()
+        os.fsync(data.fileno())
+    with open(staged_path, "wb") as handle:
+        handle.write(written.SerializeToString())
+        handle.flush()
+        os.fsync(handle.fileno())
+    data = staged_path.parent / data_name
+    if data.stat().st_size == 0:  # every tensor was small enough to stay inline
+        data.unlink()
+        return [staged_path.name]
+    return [data_name, staged_path.name]
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -20,6 +20,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from passes.core import _gs_compat
+from passes.core._validate import proto_size
 from passes.core._fingerprint import fingerprint, node_count  # noqa: F401 (part of ir's surface)
 
 
@@ -55,7 +56,7 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Gra
 
 def export_model(graph: gs.Graph) -> onnx.ModelProto:
     """Convert a graph back to a model, restoring the model-level fields graphsurgeon drops."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = _gs_compat.export_onnx(graph)
     meta: onnx.ModelProto | None = getattr(graph, "_passes_model_meta", None)
     if meta is not None:
         model.ir_version = meta.ir_version or model.ir_version
@@ -305,7 +306,7 @@ def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     for field in ("node", "input", "output", "value_info"):
         getattr(graph, field).extend(getattr(model.graph, field))
     for init in model.graph.initializer:
-        if init.ByteSize() > _INFERENCE_INLINE_BYTES:
+        if proto_size(init) > _INFERENCE_INLINE_BYTES:
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             graph.initializer.append(init)
@@ -378,7 +379,7 @@ def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor, rename: Ca
     changed = 0
     if info.elem_type:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
-        if tensor.dtype is None or as_np_dtype(tensor.dtype) != dtype:
+        if tensor.dtype is None or tensor.dtype == 0 or as_np_dtype(tensor.dtype) != dtype:
             tensor.dtype = dtype
             changed = 1
     if info.HasField("shape"):

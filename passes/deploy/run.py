@@ -12,6 +12,8 @@ run never leaves half an output; the input model is never touched.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -92,7 +94,19 @@ def run_for_target(
 
     target = load_target(target_spec)
     final_dir = Path(output_dir) / target.name.replace(":", "-")
-    _check_output_dir(final_dir, Path(model_path))
+    created = _check_output_dir(final_dir, Path(model_path))
+    try:
+        return _run(model_path, target, final_dir, input_shapes, pipeline, quantize, calibration, tuning, settings)
+    except BaseException:  # a failed or interrupted run leaves no folder it made behind
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only while empty
+        raise
+
+
+def _run(model_path: str | os.PathLike[str], target: Any, final_dir: Path,
+         input_shapes: Mapping[str, Sequence[int]] | None, pipeline: str | None, quantize: QuantizeChoice,
+         calibration: str | os.PathLike[str] | None, tuning: Any, settings: QuantizeSettings | None) -> RunReport:
     if tuning is not None:
         from passes.tuning import load_session
 
@@ -199,13 +213,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_output_dir(final_dir: Path, model_path: Path) -> None:
+def _check_output_dir(final_dir: Path, model_path: Path) -> list[Path]:
+    """Check the output folder's place and create its parent; return the folders created, outermost first."""
     parent = final_dir.parent
-    if parent.exists() and not parent.is_dir():
-        raise ModelSaveError(f"{parent}: exists and is not a folder")
-    parent.mkdir(parents=True, exist_ok=True)
-    if model_path.resolve().parent == final_dir.resolve() or final_dir.resolve() in model_path.resolve().parents:
-        raise ModelSaveError(f"{final_dir}: the output folder holds the input model; choose another -o")
+    try:
+        if model_path.resolve().parent == final_dir.resolve() or final_dir.resolve() in model_path.resolve().parents:
+            raise ModelSaveError(f"{final_dir}: the output folder holds the input model; choose another -o")
+        missing = [folder for folder in (parent, *parent.parents) if not folder.exists()][::-1]
+        for folder in (parent, *parent.parents):
+            if folder.exists() and not folder.is_dir():
+                raise ModelSaveError(f"{folder}: exists and is not a folder")
+        parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ModelSaveError(f"{parent}: the output folder is not writable")
+    except OSError as err:
+        raise ModelSaveError(f"{parent}: cannot create the output folder ({err.strerror or err})") from err
+    return missing
 
 
 def _replace_dir(staging: Path, final_dir: Path) -> None:

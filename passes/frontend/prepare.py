@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import onnx
 
-from passes.core.errors import PassesError
+from passes.core.errors import PassesError, PipelineError
 from passes.core.io import load_model_with_info
 from passes.infra.manager import PassManager
 from passes.infra.pipeline import parse_pipeline
@@ -77,6 +77,13 @@ class QuantizeSettings:
             raise QualityError("--text needs --tokenizer DIR (a tokenizer.json or the folder holding it)")
         if not 0.0 <= self.smooth <= 1.0:
             raise QualityError(f"--smooth must be in [0, 1], got {self.smooth}")
+        if self.calibration:
+            from passes.numerics.calibration import check_calibration_file
+
+            try:
+                check_calibration_file(self.calibration, tokenizer=self.tokenizer)
+            except ValueError as err:
+                raise QualityError(f"--{err}") from None
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,16 @@ def bind_dims(
 ) -> tuple[dict[str, tuple[int, ...]], list[BoundDim]]:
     """Concrete shapes for every input: --shape first, then symbols they bind, then target defaults."""
     initializers = {t.name for t in model.graph.initializer}
+    inputs = [value.name for value in model.graph.input if value.name not in initializers]
+    unknown = sorted(set(given) - set(inputs))
+    if unknown:
+        raise PipelineError(f"--shape {unknown[0]}=...: the model has no input {unknown[0]!r} "
+                            f"(inputs: {', '.join(inputs) or 'none'})")
+    for value in model.graph.input:
+        if (value.name in given and value.type.tensor_type.HasField("shape")
+                and len(given[value.name]) != len(value.type.tensor_type.shape.dim)):
+            rank = len(value.type.tensor_type.shape.dim)
+            raise PipelineError(f"--shape {value.name}: {len(given[value.name])} dims given, the input has rank {rank}")
     symbols: dict[str, tuple[int, str]] = {}
     for value in model.graph.input:
         for dim, size in zip(value.type.tensor_type.shape.dim, given.get(value.name, ())):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import math
 import re
 import types
 import typing
@@ -151,6 +152,7 @@ class Pass(abc.ABC):
                 values[attr] = parse_option(hints[attr], text)
             except ValueError as err:
                 raise PipelineError(f"pass {cls.name!r} option {key!r}: {err}") from err
+            _check_range(cls.name, key, values[attr], fields[attr])
         try:
             return cls(**values)
         except (TypeError, ValueError) as err:
@@ -164,6 +166,19 @@ class Pass(abc.ABC):
             if value != _field_default(f):
                 changed.append(f"{f.name}={format_option(value)}")
         return f"{self.name}{{{','.join(changed)}}}" if changed else self.name
+
+
+def _check_range(pass_name: str, key: str, value: Any, f: dataclasses.Field[Any]) -> None:
+    """Numbers are finite and inside the field's `min`/`max` metadata (bounds included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PipelineError(f"pass {pass_name!r} option {key!r} must be a finite number, got {value}")
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    if low is not None and value < low:
+        raise PipelineError(f"pass {pass_name!r} option {key!r} must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise PipelineError(f"pass {pass_name!r} option {key!r} must be at most {high}, got {value}")
 
 
 def _field_default(f: dataclasses.Field[Any]) -> Any:

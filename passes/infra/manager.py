@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from passes.core import ir
 from passes.infra._pass import Pass
-from passes.core.errors import FixpointError, PassesError, PassFailedError, VerificationError
+from passes.core.errors import FixpointError, ModelSaveError, PassesError, PassFailedError, VerificationError
 from passes.core.io import save_model
 from passes.infra.pipeline import Fixpoint, Pipeline, PipelineElement, as_pipeline, with_input_shapes
 from passes.numerics.verify import DEFAULT_ATOL, DEFAULT_RTOL, Comparison, compare_outputs, random_feeds, run_model
@@ -158,6 +159,26 @@ class NumericInstrument(Instrument):
                 self._expected, run_model(model, self._feeds), rtol=self.rtol, atol=self.atol, seed=self.seed
             )
         report.verification = self._last.to_dict()
+
+
+def check_dump_folder(folder: str | Path, *, source: str | Path | None = None,
+                      output: str | Path | None = None) -> Path:
+    """Raise `ModelSaveError` unless `folder` can take IR dumps (checked before any work; nothing is created).
+    `output`, the model the run writes, must not be the folder itself."""
+    folder = Path(folder)
+    try:
+        if output is not None and Path(output).resolve() == folder.resolve():
+            raise ModelSaveError(f"--dump-ir {folder}: the same path as the output model; choose another folder")
+        if folder.exists() and not folder.is_dir():
+            raise ModelSaveError(f"--dump-ir {folder}: exists and is not a folder")
+        if source is not None and folder.resolve() == Path(source).resolve().parent:
+            raise ModelSaveError(f"--dump-ir {folder}: the input model's own folder; choose an empty one")
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ModelSaveError(f"--dump-ir {folder}: '{existing}' is not a writable folder")
+    except OSError as err:
+        raise ModelSaveError(f"--dump-ir {folder}: {err.strerror or err}") from err
+    return folder
 
 
 @dataclass

@@ -82,6 +82,9 @@ def _walk(elements: Sequence[PipelineElement]) -> Iterator[Pass]:
             yield element
 
 
+#: fixpoint(...) groups nest at most this deep (a parser of bounded depth: no RecursionError)
+MAX_NESTING = 16
+
 _TOKEN = re.compile(r"\s*(?:(?P<punct>[,{}()=])|(?P<word>[^,{}()=\s]+))")
 
 
@@ -91,6 +94,7 @@ class _Parser:
         self.registry = registry
         self.tokens = self._tokenize(text)
         self.pos = 0
+        self.depth = 0
 
     def _tokenize(self, text: str) -> list[str]:
         tokens, index = [], 0
@@ -146,7 +150,11 @@ class _Parser:
         if rounds < 1:
             raise PipelineError("fixpoint max_rounds must be at least 1")
         self.expect("(")
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise PipelineError(f"pipeline nests fixpoint(...) deeper than {MAX_NESTING} levels")
         inner = self.pipeline()
+        self.depth -= 1
         self.expect(")")
         return Fixpoint(tuple(inner), rounds)
 

@@ -7,6 +7,7 @@ loads a `Pass` subclass, or a list of them) or from an explicit `register_pass(c
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 from collections.abc import Iterable, Mapping
@@ -85,7 +86,9 @@ class PassRegistry:
         self._load_plugins()
         if name in self._classes:
             return self._classes[name]
-        raise PipelineError(f"unknown pass {name!r}; known passes: {', '.join(self.names())}")
+        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6) if len(name) <= 200 else []
+        guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise PipelineError(f"unknown pass {name!r}{guess} (`passes list` shows all {len(self.names())})")
 
     def names(self) -> list[str]:
         self._load_plugins()

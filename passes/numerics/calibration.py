@@ -17,6 +17,8 @@ windows by a tokenizer (`load_calibration`), or are generated at the model's sha
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +149,23 @@ def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
     if np.any(q[mask] == 0):
         return np.inf
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def check_calibration_file(path: str | os.PathLike[str], *, tokenizer: object = None) -> None:
+    """Raise ValueError unless `path` can be calibration data: a regular file; an .npz (a zip archive)
+    unless a tokenizer will cut it as text. Checked when the option is given, before any work."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise ValueError(f"calibration {str(path)!r}: no such file" if not path.exists()
+                             else f"calibration {str(path)!r}: not a regular file")
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise ValueError(f"calibration {str(path)!r}: cannot read ({err.strerror or err})") from err
+    if not tokenizer and (path.suffix.lower() != ".npz" or head[:2] != b"PK"):
+        raise ValueError(f"calibration {str(path)!r} is not an .npz of the model's inputs "
+                         "(text needs a tokenizer)")
 
 
 def load_calibration(path: str | Path, model: onnx.ModelProto, *, tokenizer: str | Path | None = None,

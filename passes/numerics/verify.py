@@ -10,10 +10,14 @@ and by `passes.testing.assert_equivalent`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
+import math
+import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +27,8 @@ from onnx import helper
 
 from passes.core.errors import VerificationError
 from passes.numerics.exact import IntegerOpError, exact_integer_model, needs_reference_evaluator
-from passes.core.io import PROTOBUF_LIMIT, save_model
+from passes.core._validate import PROTOBUF_LIMIT, proto_size
+from passes.core.io import save_model
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +117,68 @@ def _recorded_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     return {}
 
 
+def default_max_feed_bytes() -> int:
+    """An eighth of this machine's memory: the generated inputs of one run, before the activations
+    they cause (which are larger still)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+    except (ValueError, OSError, AttributeError):
+        return 2**31
+
+
+#: the budget `random_feeds` keeps to; `max_feed_bytes(n)` sets it for a block (the CLI's --max-feed-bytes)
+_MAX_FEED_BYTES: contextvars.ContextVar[int | None] = contextvars.ContextVar("max_feed_bytes", default=None)
+
+
+@contextlib.contextmanager
+def max_feed_bytes(limit: int | None) -> Iterator[None]:
+    """Within the block, generated inputs larger than `limit` bytes in all are refused up front
+    (None: `default_max_feed_bytes()`)."""
+    token = _MAX_FEED_BYTES.set(limit)
+    try:
+        yield
+    finally:
+        _MAX_FEED_BYTES.reset(token)
+
+
+def check_feed_budget(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> int:
+    """The bytes inputs of `shapes` take; raise `VerificationError` past the budget, before allocating."""
+    limit = _MAX_FEED_BYTES.get()
+    limit = default_max_feed_bytes() if limit is None else limit
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    total = 0
+    for name, shape in shapes.items():
+        if any(int(d) < 0 for d in shape):
+            raise VerificationError(f"input '{name}' has a negative dimension in {list(shape)}")
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(types.get(name, onnx.TensorProto.FLOAT))).itemsize
+        except (KeyError, TypeError, ValueError):
+            raise VerificationError(f"input '{name}' has element type {types.get(name)}, "
+                                    "which random inputs cannot be made for") from None
+        total += math.prod(int(d) for d in shape) * max(itemsize, 8)  # generated in float64/int64 first
+    if total > limit:
+        raise VerificationError(f"random inputs of shapes {_shapes_text(shapes)} would take {_gib(total)}, "
+                                f"over the {_gib(limit)} budget (--max-feed-bytes; smaller --shape values)")
+    return total
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+
 def random_feeds(
     model: onnx.ModelProto, seed: int = 0, *, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, np.ndarray]:
     """Seeded random inputs for every graph input. Integer inputs that index a constant table
-    (token ids into an embedding Gather) stay within that table's size."""
+    (token ids into an embedding Gather) stay within that table's size. Inputs larger than the feed
+    budget (`max_feed_bytes`) are refused before anything is allocated."""
     rng = np.random.default_rng(seed)
     shapes = input_dims(model, input_shapes)
+    check_feed_budget(model, shapes)
     feeds: dict[str, np.ndarray] = {}
     for value in model.graph.input:
         if value.name not in shapes:
@@ -182,7 +242,7 @@ class ModelRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
         with tempfile.TemporaryDirectory(prefix="passes-verify-") as folder:
-            if model.ByteSize() >= PROTOBUF_LIMIT:
+            if proto_size(model) >= PROTOBUF_LIMIT:
                 source: str | bytes = str(save_model(model, Path(folder) / "model.onnx", external_data=True))
             else:
                 source = model.SerializeToString()

@@ -31,7 +31,7 @@ class EliminateCommonSubexpressions(Pass):
 
     name = "eliminate-common-subexpressions"
     max_constant_bytes: int = field(
-        default=64 * 2**20, metadata={"help": "constants larger than this are not compared byte by byte"}
+        default=64 * 2**20, metadata={"min": 0, "help": "constants larger than this are not compared byte by byte"}
     )
 
     def call(self, graph: gs.Graph) -> PassResult:

@@ -33,7 +33,7 @@ class FoldConstants(Pass):
 
     name = "fold-constants"
     max_bytes: int = field(
-        default=2**20, metadata={"help": "largest folded output (bytes) unless no larger than its inputs"}
+        default=2**20, metadata={"min": 0, "help": "largest folded output (bytes) unless no larger than its inputs"}
     )
     fold_shapes: bool = field(default=True, metadata={"help": "fold Shape/Size of tensors with static dims"})
 

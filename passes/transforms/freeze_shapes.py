@@ -41,7 +41,7 @@ class FreezeShapes(Pass):
     shapes: Mapping[str, tuple[int, ...]] = field(
         default_factory=dict, metadata={"help": "NAME=DIMS per graph input, e.g. input_ids=1x128"}
     )
-    max_bytes: int = field(default=2**20, metadata={"help": "fold-constants size cap used while folding"})
+    max_bytes: int = field(default=2**20, metadata={"min": 0, "help": "fold-constants size cap used while folding"})
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> FreezeShapes:

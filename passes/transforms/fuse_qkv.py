@@ -203,7 +203,7 @@ class FuseQkv(Pass):
     name = "fuse-qkv"
 
     min_siblings: int = field(
-        default=2, metadata={"help": "fuse only groups of at least this many sibling projections (>= 2)"}
+        default=2, metadata={"min": 2, "help": "fuse only groups of at least this many sibling projections (>= 2)"}
     )
 
     def __post_init__(self) -> None:

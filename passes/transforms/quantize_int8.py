@@ -166,10 +166,10 @@ class QuantizeInt8(Pass):
     scheme: Scheme = field(default="w8a8-dynamic", metadata={
         "help": "w8a8-dynamic (activations quantized at run time), w8a8-static (calibrated) or w8a16 (weights only)"})
     skip: str = field(default="", metadata={"help": "regex on node names left in float (e.g. lm_head)"})
-    min_elements: int = field(default=0, metadata={"help": "weights with fewer elements stay float"})
+    min_elements: int = field(default=0, metadata={"min": 0, "help": "weights with fewer elements stay float"})
     calibration: str = field(default="", metadata={
         "help": ".npz of inputs by name for w8a8-static (default: generated random inputs)"})
-    percentile: float = field(default=100.0, metadata={
+    percentile: float = field(default=100.0, metadata={"min": 50.0, "max": 100.0,
         "help": "w8a8-static range estimator: percentile of values kept (100 = min-max)"})
     activations: Granularity = field(default="per-token", metadata={
         "help": "w8a8-dynamic activation scales: per-token (a scale per row) or per-tensor (DynamicQuantizeLinear)"})
@@ -177,7 +177,7 @@ class QuantizeInt8(Pass):
         "help": "mixed precision: W8A8 layers whose own SQNR on the calibration set is below this (dB) stay W8A16 (0 = off)"})
     tokenizer: str = field(default="", metadata={
         "help": "with calibration=TEXT: a tokenizer.json (or its folder) that cuts the text into token windows"})
-    samples: int = field(default=8, metadata={"help": "calibration windows cut from text"})
+    samples: int = field(default=8, metadata={"min": 1, "help": "calibration windows cut from text"})
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -190,6 +190,10 @@ class QuantizeInt8(Pass):
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.tokenizer and not self.calibration:
             raise ValueError("tokenizer needs calibration=TEXT (the text to cut into windows)")
+        if self.calibration:
+            from passes.numerics.calibration import check_calibration_file
+
+            check_calibration_file(self.calibration, tokenizer=self.tokenizer)
         try:
             re.compile(self.skip)
         except re.error as err:

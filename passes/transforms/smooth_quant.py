@@ -59,11 +59,11 @@ class SmoothQuant(Pass):
 
     name = "smooth-quant"
     exact = False  # equal in exact arithmetic; float32 rounding of the moved scales differs (its tests bound it)
-    alpha: float = field(default=0.5, metadata={"help": "migration strength: 0 moves nothing, 1 moves all of max|X|"})
+    alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "help": "migration strength: 0 moves nothing, 1 moves all of max|X|"})
     calibration: str = field(default="", metadata={
         "help": ".npz of inputs by name, or text with tokenizer (default: generated random inputs)"})
     tokenizer: str = field(default="", metadata={"help": "with calibration=TEXT: tokenizer.json or its folder"})
-    samples: int = field(default=8, metadata={"help": "calibration windows cut from text"})
+    samples: int = field(default=8, metadata={"min": 1, "help": "calibration windows cut from text"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -72,6 +72,10 @@ class SmoothQuant(Pass):
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.tokenizer and not self.calibration:
             raise ValueError("tokenizer needs calibration=TEXT (the text to cut into windows)")
+        if self.calibration:
+            from passes.numerics.calibration import check_calibration_file
+
+            check_calibration_file(self.calibration, tokenizer=self.tokenizer)
 
     def call(self, graph: gs.Graph) -> PassResult:
         from passes.numerics import calibration

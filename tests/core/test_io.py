@@ -217,7 +217,7 @@ def test_rejects_missing_external_data_file(tmp_path: Path) -> None:
     [
         ({"offset": 0, "length": WEIGHT.nbytes}, WEIGHT[:10].tobytes(), "reads past the end"),
         ({"offset": 512, "length": WEIGHT.nbytes}, WEIGHT.tobytes(), "reads past the end"),
-        ({"offset": 4096}, WEIGHT.tobytes(), "cannot read external data"),
+        ({"offset": 4096}, WEIGHT.tobytes(), "starts past the end of 'w.bin' (offset 4096, 1024 bytes)"),
         ({}, WEIGHT[:10].tobytes(), "has 40 bytes, its shape needs 1024"),  # no length recorded
     ],
     ids=["short-file", "offset-plus-length-past-end", "offset-past-end", "short-file-no-length"],

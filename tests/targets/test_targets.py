@@ -307,7 +307,7 @@ CROSS_KEY_ERRORS = {
                                "gemm = { tile_m = 8, tile_n = 8, tile_k = 16, vector_width = 16, work_group_x = 4 }"),
                               "variants.cpu.schedule.gemm.work_group_x: a GPU setting, but device is 'cpu'"),
     "pipeline": (('pipeline = "canonicalize"', 'pipeline = "canonicalize,fuse-everything"'),
-                 "pipeline: unknown pass 'fuse-everything'; known passes: "),
+                 "pipeline: unknown pass 'fuse-everything'"),
 }
 
 

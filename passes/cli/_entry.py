@@ -5,7 +5,9 @@ is one `error:` line on stderr and exit 2; a verify mismatch exits 1; Ctrl-C exi
 from __future__ import annotations
 
 import contextvars
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import click
@@ -18,10 +20,25 @@ EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 
+class Interrupted(BaseException):
+    """SIGINT while a command runs. Not a KeyboardInterrupt: click would print a bare newline for that
+    before re-raising it, and the contract is one line."""
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: run the CLI, turning library errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    return contextvars.copy_context().run(_main, args)  # options that set context (--max-feed-bytes) end here
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_sigint) if in_main_thread else None
+    try:
+        return contextvars.copy_context().run(_main, args)  # options that set context (--max-feed-bytes) end here
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _main(args: list[str]) -> int:
@@ -43,7 +60,7 @@ def _main(args: list[str]) -> int:
             hint = f" (see '{err.ctx.command_path} --help')"
         _error(f"error: {err.format_message()}{hint}")
         return EXIT_USER_ERROR if err.exit_code in (0, 1) else err.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C: outputs are atomic, nothing half-written stays
+    except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):  # Ctrl-C: outputs are atomic, nothing half-written stays
         _error("interrupted: nothing was written")
         return EXIT_INTERRUPTED
     except PassesError as err:

@@ -60,27 +60,32 @@ def opt(
     as_json: bool,
 ) -> None:
     """Rewrite MODEL with a pipeline of passes and write the result to -o."""
-    from passes.cli import _render
+    from passes.cli import _render, _status
     from passes.core.io import check_output_path, load_model, save_model
     from passes.infra.manager import PassManager, check_dump_folder
 
     check_output_path(output, source=model, in_place=in_place)
     if dump_ir is not None:
         check_dump_folder(dump_ir, source=model, output=output)
-    manager = PassManager(
-        pipeline,
-        input_shapes=_parse_shapes(shapes),
-        check=not no_check,
-        verify=verify,
-        rtol=rtol,
-        atol=atol,
-        seed=seed,
-        dump_ir=dump_ir,
-    )
-    manager.resolved_pipeline()  # a bad pipeline fails before the model is read
-    loaded = load_model(model)
-    result = manager.run(loaded)
-    save_model(result.model, output, source=model, in_place=in_place)
+    with _status.status(enabled=not as_json) as shown:
+        manager = PassManager(
+            pipeline,
+            input_shapes=_parse_shapes(shapes),
+            check=not no_check,
+            verify=verify,
+            rtol=rtol,
+            atol=atol,
+            seed=seed,
+            dump_ir=dump_ir,
+            instruments=[shown.instrument],
+        )
+        manager.resolved_pipeline()  # a bad pipeline fails before the model is read
+        shown.stage(f"loading {model}")
+        loaded = load_model(model)
+        shown.stage("importing the graph")
+        result = manager.run(loaded)
+        shown.stage(f"writing {output}")
+        save_model(result.model, output, source=model, in_place=in_place)
     if as_json:
         _print_json({"output": str(output), **result.report.to_dict()})
     else:
@@ -205,14 +210,19 @@ def verify(
     reference: Path, candidate: Path, shapes: Sequence[str], rtol: float, atol: float, seed: int, as_json: bool
 ) -> None:
     """Run REFERENCE and CANDIDATE on the same seeded inputs; exit 1 if any output differs."""
-    from passes.cli import _render
+    from passes.cli import _render, _status
     from passes.core.io import load_model
     from passes.numerics.verify import compare_models
 
     input_shapes = _parse_shapes(shapes)
-    comparison = compare_models(
-        load_model(reference), load_model(candidate), input_shapes=input_shapes, seed=seed, rtol=rtol, atol=atol
-    )
+    with _status.status(enabled=not as_json) as shown:
+        shown.stage(f"loading {reference}")
+        reference_model = load_model(reference)
+        shown.stage(f"loading {candidate}")
+        candidate_model = load_model(candidate)
+        shown.stage("running both on the same inputs")
+        comparison = compare_models(reference_model, candidate_model, input_shapes=input_shapes, seed=seed,
+                                    rtol=rtol, atol=atol)
     if as_json:
         _print_json(comparison.to_dict())
     else:

@@ -247,15 +247,19 @@ def save_model(
     except OSError as err:
         raise ModelSaveError(f"{path}: cannot write to '{parent}' ({_first_line(err)})") from err
     moved: list[str] = []
+    staged: list[str] = []
     try:
         staged = _stage(model, staging / path.name, external_data, token=staging.name.rsplit(".", 1)[-1])
         for name in staged:  # data first, the model last: a reader never sees a model without its data
             os.replace(staging / name, parent / name)
             moved.append(name)
-    except (OSError, ValueError) as err:
-        for name in moved:  # only new data files can be here: their names were never used before
-            (parent / name).unlink(missing_ok=True)
-        raise ModelSaveError(f"{path}: cannot write ({_first_line(err)})") from err
+    except BaseException as err:  # a full disk, or Ctrl-C between the data and the model
+        if len(moved) < len(staged):  # the model is not in place: what moved belongs to nothing
+            for name in moved:  # only new data files can be here: their names were never used before
+                (parent / name).unlink(missing_ok=True)
+        if isinstance(err, (OSError, ValueError)):
+            raise ModelSaveError(f"{path}: cannot write ({_first_line(err)})") from err
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for name in old_data - set(staged):

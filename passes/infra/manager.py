@@ -99,6 +99,9 @@ class Instrument:
     def before_pipeline(self, original: onnx.ModelProto, report: PipelineReport) -> None:
         """Called once with the input model."""
 
+    def before_pass(self, pass_: Pass, round_: int | None) -> None:
+        """Called before every pass application (`round_` is the fixpoint round, None outside one)."""
+
     def after_pass(self, pass_: Pass, view: StepView, record: PassRecord) -> None:
         """Called after every pass application, with the graph as the pass left it."""
 
@@ -286,6 +289,8 @@ class _Runner:
         )
 
     def run_pass(self, pass_: Pass, round_: int | None) -> bool:
+        for instrument in self.instruments:
+            instrument.before_pass(pass_, round_)
         nodes_before = len(self.graph.nodes)
         ops_before = self.ops if self.ops is not None else ir.op_histogram(self.graph)
         start = time.perf_counter()

@@ -167,6 +167,8 @@ def _build_into(staging: Path, optimized: onnx.ModelProto, target: Any, report: 
     save_model(optimized, staging / "model.onnx")
     written = {name: path.relative_to(staging) for name, path in write_artifacts(built, staging).items()}
     written["model.onnx"] = Path("model.onnx")
+    for data in staging.glob("model.onnx.*.data"):  # a model past 2 GiB keeps its weights beside it
+        written[data.name] = Path(data.name)
     if built.runs_here:
         report.host_check = run_host_check(built, optimized, shapes, run_host, float_model)
         report.host_check["threads"] = host_threads()
@@ -233,6 +235,9 @@ def _check_output_dir(final_dir: Path, model_path: Path) -> list[Path]:
 
 def _replace_dir(staging: Path, final_dir: Path) -> None:
     """Swap the new artifact folder in; the previous one is removed only after the new one is in place."""
+    umask = os.umask(0o22)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0700; the folder gets the mode mkdir would give
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")

@@ -4,6 +4,8 @@ matches the exact reference; the report's figures are honest; bad input fails wi
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,9 @@ def test_every_target_builds_the_sample(sample_path: Path, tmp_path: Path, targe
     report = run_for_target(sample_path, target, tmp_path, input_shapes={"input_ids": (1, 16)})
     folder = tmp_path / target.replace(":", "-")
     assert Path(report.output_dir) == folder
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # what mkdir gives, not mkdtemp's 0700
     for name in ("model.onnx", "model.tar", "manifest.json", "report.json"):
         assert (folder / name).is_file(), name
     description = load_target(target)

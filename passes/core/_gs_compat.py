@@ -47,7 +47,7 @@ EXTEND_LIMIT = 2**30
 def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
     """`gs.export_onnx(graph)` (types unchecked) for graphs with constants of any size."""
     held = [(tensor, tensor._values) for tensor in graph.tensors().values()
-            if isinstance(tensor, gs.Constant) and _stored_bytes(tensor._values) >= EXTEND_LIMIT]
+            if isinstance(tensor, gs.Constant) and stored_bytes(tensor) >= EXTEND_LIMIT]
     try:
         for tensor, _ in held:
             tensor._values = np.zeros(0, np.float32)  # a placeholder initializer, replaced below
@@ -62,8 +62,9 @@ def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def _stored_bytes(values: object) -> int:
-    """Bytes a constant's values take, without loading lazy ones."""
+def stored_bytes(tensor: gs.Constant) -> int:
+    """Bytes a constant's values take, without loading them when they are still lazy."""
+    values = tensor._values
     if isinstance(values, LazyValues):
         count = 1
         for dim in values.tensor.dims:

@@ -22,6 +22,7 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 from passes.core import _gs_compat
 from passes.core._validate import proto_size
 from passes.core._fingerprint import fingerprint, node_count  # noqa: F401 (part of ir's surface)
+from passes.core._opsets import DEFAULT_DOMAINS, opset_version, set_opset_version  # noqa: F401 (ditto)
 
 
 _gs_compat.install()
@@ -33,7 +34,6 @@ Tensor = gs.Tensor
 Constant = gs.Constant
 Variable = gs.Variable
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Graph:
@@ -100,32 +100,6 @@ def elem_type(tensor: gs.Tensor) -> int | None:
         return None
 
 
-def opset_version(graph: gs.Graph | onnx.ModelProto, domain: str = "") -> int:
-    """The graph's opset for `domain` ("" and "ai.onnx" are the same), or 0 when not imported."""
-    if isinstance(graph, onnx.ModelProto):
-        for entry in graph.opset_import:
-            if entry.domain == domain or (domain in DEFAULT_DOMAINS and entry.domain in DEFAULT_DOMAINS):
-                return entry.version
-        return 0
-    if domain in DEFAULT_DOMAINS:
-        return int(graph.opset or 0)
-    for entry in getattr(graph, "import_domains", None) or ():
-        if entry.domain == domain:
-            return entry.version
-    return 0
-
-
-def set_opset_version(graph: gs.Graph, version: int) -> None:
-    """Set the graph's default-domain opset (graphsurgeon exports `import_domains` when it is set,
-    so both must change)."""
-    graph.opset = version
-    if getattr(graph, "import_domains", None):
-        graph.import_domains = [
-            onnx.helper.make_opsetid(e.domain, version) if e.domain in DEFAULT_DOMAINS else e
-            for e in graph.import_domains
-        ]
-
-
 def op_histogram(graph: gs.Graph | onnx.ModelProto) -> dict[str, int]:
     """Op type -> count for the top-level graph, most frequent first (domain-qualified if custom)."""
     if isinstance(graph, onnx.ModelProto):
@@ -146,6 +120,10 @@ def is_default_domain(node: gs.Node) -> bool:
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     """The node that produces `tensor`, or None for graph inputs and constants."""
     return tensor.inputs[0] if tensor.inputs else None
+
+
+#: bytes of a constant's values; a constant not loaded yet stays unloaded
+constant_nbytes = _gs_compat.stored_bytes
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:

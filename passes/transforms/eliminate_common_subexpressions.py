@@ -62,9 +62,9 @@ class EliminateCommonSubexpressions(Pass):
             for index, tensor in enumerate(node.inputs):
                 if not isinstance(tensor, gs.Constant) or id(tensor) in outputs:
                     continue
-                values = np.asarray(tensor.values)
-                if values.nbytes > self.max_constant_bytes:
+                if ir.constant_nbytes(tensor) > self.max_constant_bytes:  # read before loading it
                     continue
+                values = np.asarray(tensor.values)
                 bucket = buckets.setdefault(_sample_key(values), [])
                 keeper = next((c for c, v in bucket if c is tensor or _same_bytes(v, values)), None)
                 if keeper is None:

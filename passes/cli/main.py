@@ -115,14 +115,15 @@ def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipe
         min_layer_sqnr: float, max_ppl_increase: float | None, min_sqnr: float | None, tuning: Path | None,
         as_json: bool) -> None:
     """Rewrite MODEL for a target, quantize, lower it through TVM, build, write artifacts and a report."""
-    from passes.cli import _render
+    from passes.cli import _render, _status
     from passes.deploy.run import run_for_target
     from passes.frontend.prepare import QuantizeSettings
 
     settings = QuantizeSettings(quantize, calibration, tokenizer, text, smooth, min_layer_sqnr,  # type: ignore[arg-type]
                                 max_ppl_increase, min_sqnr)
-    report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline,
-                            tuning=tuning, settings=settings)
+    with _status.status(enabled=not as_json) as shown:
+        report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline,
+                                tuning=tuning, settings=settings, instruments=[shown.instrument], on_stage=shown.stage)
     if as_json:
         _print_json(report.to_dict())
     else:

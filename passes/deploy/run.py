@@ -21,7 +21,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +33,7 @@ import onnx
 from passes.core import ir
 from passes.core.errors import ModelSaveError
 from passes.core.io import save_model
+from passes.infra.manager import Instrument
 from passes.deploy.host_check import run_host_check
 from passes.deploy.roofline import estimate
 from passes.deploy.summary import summarize
@@ -86,17 +87,21 @@ def run_for_target(
     calibration: str | os.PathLike[str] | None = None,
     tuning: str | os.PathLike[str] | None = None,
     settings: QuantizeSettings | None = None,
+    instruments: Sequence[Instrument] = (),
+    on_stage: Callable[[str], None] | None = None,
 ) -> RunReport:
     """Load, rewrite, quantize, lower, build and write artifacts for one target; return the report.
     `tuning` is a `passes tune` session folder whose best schedules the build uses; `settings` (smoothing,
-    mixed precision, perplexity text, quality gates) replaces `quantize` and `calibration` when given."""
+    mixed precision, perplexity text, quality gates) replaces `quantize` and `calibration` when given.
+    `instruments` observe the pipeline and `on_stage` hears each stage's name as it starts (progress)."""
     from passes.targets import load_target
 
     target = load_target(target_spec)
     final_dir = Path(output_dir) / target.name.replace(":", "-")
     created = _check_output_dir(final_dir, Path(model_path))
     try:
-        return _run(model_path, target, final_dir, input_shapes, pipeline, quantize, calibration, tuning, settings)
+        return _run(model_path, target, final_dir, input_shapes, pipeline, quantize, calibration, tuning, settings,
+                    instruments=instruments, on_stage=on_stage or (lambda _: None))
     except BaseException:  # a failed or interrupted run leaves no folder it made behind
         for folder in reversed(created):
             with contextlib.suppress(OSError):
@@ -106,13 +111,14 @@ def run_for_target(
 
 def _run(model_path: str | os.PathLike[str], target: Any, final_dir: Path,
          input_shapes: Mapping[str, Sequence[int]] | None, pipeline: str | None, quantize: QuantizeChoice,
-         calibration: str | os.PathLike[str] | None, tuning: Any, settings: QuantizeSettings | None) -> RunReport:
+         calibration: str | os.PathLike[str] | None, tuning: Any, settings: QuantizeSettings | None, *,
+         instruments: Sequence[Instrument], on_stage: Callable[[str], None]) -> RunReport:
     if tuning is not None:
         from passes.tuning import load_session
 
         tuning = load_session(tuning)
     prepared = prepare_model(model_path, target, input_shapes=input_shapes, pipeline=pipeline, quantize=quantize,
-                             calibration=calibration, settings=settings)
+                             calibration=calibration, settings=settings, instruments=instruments, on_stage=on_stage)
     shapes, bound, result = prepared.shapes, prepared.bound, prepared.result
     optimized, quantization = prepared.model, prepared.quantization
     tokens = int(np.prod(next(iter(shapes.values()), (1,))))  # batch x sequence of the first input
@@ -128,7 +134,7 @@ def _run(model_path: str | os.PathLike[str], target: Any, final_dir: Path,
     staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
     try:
         _build_into(staging, optimized, target, report, shapes, tuning,
-                    float_model=result.model if quantization is not None else None)
+                    float_model=result.model if quantization is not None else None, on_stage=on_stage)
         _replace_dir(staging, final_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -148,12 +154,14 @@ def missing_ops(before: Mapping[str, int], after: Mapping[str, int], target: Any
 
 def _build_into(staging: Path, optimized: onnx.ModelProto, target: Any, report: RunReport,
                 shapes: Mapping[str, Sequence[int]], tuning: Any = None,
-                float_model: onnx.ModelProto | None = None) -> None:
+                float_model: onnx.ModelProto | None = None, on_stage: Callable[[str], None] = lambda _: None) -> None:
     from passes.lowering import build, lower, run_host, write_artifacts
     from passes.lowering._build import host_threads
 
     started = time.perf_counter()
+    on_stage(f"lowering through TVM for {target.name}")
     lowered = lower(optimized, target, tuning=tuning.memory if tuning is not None else None)
+    on_stage(f"building {len(lowered.reference_kernels)} kernels")
     built = build(lowered, target)
     report.build_seconds = time.perf_counter() - started
     report.dispatched = {family: d.to_dict() for family, d in lowered.dispatched.items()}
@@ -164,12 +172,14 @@ def _build_into(staging: Path, optimized: onnx.ModelProto, target: Any, report: 
         if not lowered.tuned_kernels:
             report.notes.append(f"the tuning session {tuning.folder} has no records for this model's kernels "
                                 f"on {target.name}: the build uses the default schedules")
+    on_stage("writing artifacts")
     save_model(optimized, staging / "model.onnx")
     written = {name: path.relative_to(staging) for name, path in write_artifacts(built, staging).items()}
     written["model.onnx"] = Path("model.onnx")
     for data in staging.glob("model.onnx.*.data"):  # a model past 2 GiB keeps its weights beside it
         written[data.name] = Path(data.name)
     if built.runs_here:
+        on_stage("running the host build against the exact reference")
         report.host_check = run_host_check(built, optimized, shapes, run_host, float_model)
         report.host_check["threads"] = host_threads()
     else:

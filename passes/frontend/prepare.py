@@ -9,7 +9,7 @@ returned `BoundDim`s say where each value came from.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +17,7 @@ import onnx
 
 from passes.core.errors import PassesError, PipelineError
 from passes.core.io import load_model_with_info
-from passes.infra.manager import PassManager
+from passes.infra.manager import Instrument, PassManager
 from passes.infra.pipeline import parse_pipeline
 from passes.numerics.verify import random_feeds
 
@@ -101,13 +101,20 @@ def prepare_model(
     model_path: str | os.PathLike[str], target: Any, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
     pipeline: str | None = None, quantize: QuantizeChoice = "auto",
     calibration: str | os.PathLike[str] | None = None, settings: QuantizeSettings | None = None,
+    instruments: Sequence[Instrument] = (), on_stage: Callable[[str], None] | None = None,
 ) -> PreparedModel:
     """Load `model_path`, bind its dynamic dims, run the target's pipeline and quantize it
-    (`settings`, else the scheme `quantize` with `calibration` and the default smoothing and mixed precision)."""
+    (`settings`, else the scheme `quantize` with `calibration` and the default smoothing and mixed precision).
+    `instruments` observe the pipeline; `on_stage` hears the name of each stage as it starts."""
+    stage = on_stage or (lambda _: None)
     settings = settings or QuantizeSettings(quantize, calibration)
+    stage(f"loading {model_path}")
     loaded = load_model_with_info(model_path)
     shapes, bound = bind_dims(loaded.model, input_shapes or {}, target)
-    result = PassManager(pipeline or target.pipeline, input_shapes=shapes).run(loaded.model)
+    stage("importing the graph")
+    result = PassManager(pipeline or target.pipeline, input_shapes=shapes, instruments=instruments).run(loaded.model)
+    if settings.scheme != "none":
+        stage("quantizing (smoothing, calibration, SQNR)")
     optimized, quantization = _quantize(result.model, target, settings, shapes)
     return PreparedModel(optimized, dict(shapes), bound, result, quantization)
 

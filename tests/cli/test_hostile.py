@@ -1,4 +1,4 @@
-"""Hostile and unusual input: every case of `hostile_corpus.cases(SEED)` through the CLI, in-process.
+"""Hostile and unusual input: every case of `hostile.cases(SEED)` through the CLI, in-process.
 
 For every case, in a fresh folder (also the working directory), the CLI must:
   - exit with one of the codes the case allows: 0 with a correct output (`opt`: the output loads with
@@ -24,7 +24,7 @@ import onnx
 import pytest
 
 from passes.cli import main
-from tests.cli.hostile_corpus import FAMILIES, Case, cases
+from tests.cli.hostile import FAMILIES, Case, cases
 
 SEED = 0
 MAX_ERROR_LINE = 400

@@ -3,13 +3,39 @@ HYPOTHESIS_PROFILE=soak for a long bug hunt) and small fixtures."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import onnx
 import pytest
 from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _InstalledOverCheckout(importlib.abc.MetaPathFinder):
+    """`kernels` and `targets` are folders of this checkout (installed as `passes.kernels` and
+    `passes.targets`), and pytest puts the checkout's root on sys.path, so a top-level `import kernels`
+    would find our folder. transformers imports Hugging Face's `kernels` package (a dependency of it):
+    top-level imports of these names skip the checkout's root and get the installed package (where none
+    is installed, the search goes on as usual)."""
+
+    NAMES = frozenset({"kernels", "targets"})
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if path is not None or fullname not in self.NAMES:
+            return None
+        elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
+        return importlib.machinery.PathFinder.find_spec(fullname, elsewhere)
+
+
+sys.meta_path.insert(0, _InstalledOverCheckout())
 
 settings.register_profile("dev", max_examples=25, deadline=None)
 settings.register_profile(

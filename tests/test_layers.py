@@ -1,6 +1,7 @@
 """The package's rooms import one way: no import cycle between modules, no import from a higher layer.
 
-Every module of `passes` is parsed with `ast`; every import that runs counts, module-level or inside a function
+Every module of `passes` (with `kernels/` and `targets/`, installed as `passes.kernels` and
+`passes.targets`) is parsed with `ast`; every import that runs counts, module-level or inside a function
 (the lazy ones too; `if TYPE_CHECKING:` imports do not run), so does every module a package's lazy
 `_EXPORTS` table names, and `from passes.x import y` names module `passes.x.y` when that is a module.
 The layers, bottom up, are `LAYERS`; a module may import its own layer and the ones below.
@@ -15,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: source folder -> the package it is installed as
-PACKAGES = {ROOT / "passes": "passes"}
+PACKAGES = {ROOT / "passes": "passes", ROOT / "kernels": "passes.kernels", ROOT / "targets": "passes.targets"}
 #: bottom up; a module belongs to the first (longest) prefix that matches it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("passes.core", "passes.samples")),  # samples: built with onnx.helper, imports core only

@@ -43,7 +43,7 @@ def apply_tuning(module: tvm.IRModule, kernels: Mapping[str, tirx.PrimFunc], fam
     return updated, sorted(applied)
 
 
-#: the design space of a task: an x86 int8 family (passes/kernels/x86_int8.py) or "metaschedule" (its default space)
+#: the design space of a task: an x86 int8 family (kernels/x86_int8.py) or "metaschedule" (its default space)
 KERNEL_SPACES = tuple(isa.family for isa in x86_int8.ISAS)
 
 

@@ -90,7 +90,7 @@ def x86_target(mcpu: str):  # -> passes.targets.TargetDescription
 
     from passes.targets import load_target
 
-    source = (Path(__file__).resolve().parents[2] / "passes" / "targets" / "host.toml").read_text()
+    source = (Path(__file__).resolve().parents[2] / "targets" / "host.toml").read_text()
     assert 'mcpu = "detect"' in source
     folder = Path(tempfile.mkdtemp(prefix="passes-x86-target-"))
     path = folder / f"x86-{mcpu}.toml"

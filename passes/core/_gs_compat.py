@@ -34,7 +34,7 @@ from onnx_graphsurgeon.exporters import onnx_exporter
 from onnx_graphsurgeon.importers import onnx_importer
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from passes.core._validate import element_bits
+from passes.core._validate import tensor_nbytes
 
 _PATCHED = "_passes_compat"
 _TYPE_ATTRIBUTES = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
@@ -66,10 +66,7 @@ def stored_bytes(tensor: gs.Constant) -> int:
     """Bytes a constant's values take, without loading them when they are still lazy."""
     values = tensor._values
     if isinstance(values, LazyValues):
-        count = 1
-        for dim in values.tensor.dims:
-            count *= dim
-        return count * max(1, element_bits(values.tensor.data_type) // 8)
+        return tensor_nbytes(values.tensor, tensor.name)
     return int(getattr(values, "nbytes", 0))
 
 

@@ -173,6 +173,11 @@ def element_count(tensor: TensorProto, where: str) -> int:
     return count
 
 
+def tensor_nbytes(tensor: TensorProto, where: str = "tensor") -> int:
+    """Bytes the tensor's data takes by its type and dims (4-bit types packed two to a byte)."""
+    return (element_count(tensor, where) * element_bits(tensor.data_type) + 7) // 8
+
+
 def element_bits(data_type: int) -> int:
     if data_type in _FOUR_BIT:
         return 4
@@ -195,7 +200,7 @@ def check_tensor(tensor: TensorProto, where: str) -> None:
             raise ModelLoadError(f"{where} holds {present} strings, its shape needs {count}")
         return
     if tensor.HasField("raw_data"):
-        expected = (count * element_bits(tensor.data_type) + 7) // 8
+        expected = tensor_nbytes(tensor, where)
         if len(tensor.raw_data) != expected:
             raise ModelLoadError(f"{where} has {len(tensor.raw_data)} bytes of raw_data, "
                                  f"its type and shape need {expected}")

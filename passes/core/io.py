@@ -21,8 +21,8 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from passes.core._external_write import with_external_data
-from passes.core._validate import (PROTOBUF_LIMIT, densify_sparse_initializers, element_bits, external_info, proto_size,
-                                   validate_model)
+from passes.core._validate import (PROTOBUF_LIMIT, densify_sparse_initializers, external_info, proto_size,
+                                   tensor_nbytes, validate_model)
 from passes.core.errors import ModelLoadError, ModelSaveError
 
 logger = logging.getLogger(__name__)
@@ -160,10 +160,7 @@ def _check_external_location(path: Path, base_dir: Path, tensor: onnx.TensorProt
         raise ModelLoadError(f"{where} reads past the end of '{location}' (truncated data file?)")
     available = length if length else size - offset  # onnx reads to the end of the file without a length
     if tensor.data_type != onnx.TensorProto.STRING:  # checked here, so the loaded bytes are never read back
-        count = 1
-        for dim in tensor.dims:
-            count *= dim
-        expected = (count * element_bits(tensor.data_type) + 7) // 8
+        expected = tensor_nbytes(tensor, where)
         if available != expected:
             raise ModelLoadError(f"{where} has {available} bytes, its shape needs {expected} (truncated data file?)")
     return location
@@ -308,10 +305,10 @@ def input_files(model_path: str | os.PathLike[str]) -> list[Path]:
     locations = set()
     for tensor in _external_tensors(model):
         try:
-            locations.add(external_data_helper.ExternalDataInfo(tensor).location)
-        except (ValueError, KeyError):
+            locations.add(external_info(tensor, tensor.name)[0])
+        except ModelLoadError:  # a bad reference: loading the model will say so
             continue
-    return [base / location for location in sorted(locations) if location]
+    return [base / location for location in sorted(locations)]
 
 
 def _stage(model: onnx.ModelProto, staged_path: Path, external_data: bool, *, token: str) -> list[str]:

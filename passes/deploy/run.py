@@ -13,7 +13,6 @@ run never leaves half an output; the input model is never touched.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import os

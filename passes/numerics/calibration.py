@@ -18,7 +18,6 @@ windows by a tokenizer (`load_calibration`), or are generated at the model's sha
 from __future__ import annotations
 
 import os
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

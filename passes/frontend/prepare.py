@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import onnx
 
-from passes.core.errors import PassesError, PipelineError
+from passes.core.errors import PassesError
 from passes.core.io import load_model_with_info
 from passes.infra.manager import Instrument, PassManager
 from passes.infra.pipeline import parse_pipeline
@@ -207,16 +207,6 @@ def bind_dims(
 ) -> tuple[dict[str, tuple[int, ...]], list[BoundDim]]:
     """Concrete shapes for every input: --shape first, then symbols they bind, then target defaults."""
     initializers = {t.name for t in model.graph.initializer}
-    inputs = [value.name for value in model.graph.input if value.name not in initializers]
-    unknown = sorted(set(given) - set(inputs))
-    if unknown:
-        raise PipelineError(f"--shape {unknown[0]}=...: the model has no input {unknown[0]!r} "
-                            f"(inputs: {', '.join(inputs) or 'none'})")
-    for value in model.graph.input:
-        if (value.name in given and value.type.tensor_type.HasField("shape")
-                and len(given[value.name]) != len(value.type.tensor_type.shape.dim)):
-            rank = len(value.type.tensor_type.shape.dim)
-            raise PipelineError(f"--shape {value.name}: {len(given[value.name])} dims given, the input has rank {rank}")
     symbols: dict[str, tuple[int, str]] = {}
     for value in model.graph.input:
         for dim, size in zip(value.type.tensor_type.shape.dim, given.get(value.name, ())):
@@ -246,6 +236,8 @@ def bind_dims(
             dims.append(size)
             bound.append(BoundDim(value.name, axis, name, size, source))
         shapes[value.name] = tuple(dims)
+    # a name that is no input, or dims of the wrong rank, go through too: freeze-shapes refuses them
+    shapes.update((name, tuple(int(d) for d in dims)) for name, dims in given.items() if name not in shapes)
     return shapes, bound
 
 

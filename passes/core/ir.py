@@ -20,7 +20,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from passes.core import _gs_compat
-from passes.core._validate import proto_size
+from passes.core._validate import densify_sparse_initializers, proto_size
 from passes.core._fingerprint import fingerprint, node_count  # noqa: F401 (part of ir's surface)
 from passes.core._opsets import DEFAULT_DOMAINS, opset_version, set_opset_version  # noqa: F401 (ditto)
 
@@ -41,7 +41,13 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Gra
 
     Inference runs on a copy of the model without its large weights, so it costs the same for a
     100 KB and a 10 GB model and never hits protobuf's 2 GB limit. The model is not modified.
+    Sparse initializers become the dense constants they stand for (as `load_model` makes them).
     """
+    if model.graph.sparse_initializer:
+        dense = onnx.ModelProto()
+        dense.CopyFrom(model)
+        densify_sparse_initializers(dense, label=f"model '{model.graph.name}'")
+        model = dense
     graph = gs.import_onnx(model)
     graph._passes_model_meta = _model_meta(model)  # carried through to export_model
     if len(graph.nodes) == len(model.graph.node):  # the model's own NodeProtos serve later skeletons

@@ -392,3 +392,41 @@ def test_save_onto_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ModelSaveError, match="is a directory"):
         save_model(_model([helper.make_node("Relu", ["x"], ["y"])]), tmp_path / "out.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+
+
+def _sparse_matmul_model(indices: list[int]) -> onnx.ModelProto:
+    """Y = X @ W, W a 4x4 sparse initializer with the values 1.5 and -2.0 at linear `indices`."""
+    values = helper.make_tensor("W", TensorProto.FLOAT, [2], [1.5, -2.0])
+    index = helper.make_tensor("W_indices", TensorProto.INT64, [2], indices)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")], "sparse",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])],
+    )
+    graph.sparse_initializer.append(helper.make_sparse_tensor(values, index, [4, 4]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_sparse_initializers_are_densified_on_load_and_in_the_library(tmp_path: Path) -> None:
+    import passes
+
+    model = _sparse_matmul_model([1, 14])
+    expected = np.zeros((4, 4), np.float32)
+    expected.flat[1], expected.flat[14] = 1.5, -2.0
+    path = tmp_path / "sparse.onnx"
+    onnx.save_model(model, str(path))
+    for dense in (load_model(path).graph, passes.optimize(model).graph):  # a file, and a model in memory
+        assert not dense.sparse_initializer
+        (weight,) = [t for t in dense.initializer if t.name == "W"]
+        np.testing.assert_array_equal(numpy_helper.to_array(weight), expected)
+    assert len(model.graph.sparse_initializer) == 1  # the caller's model is left as it was
+
+
+@pytest.mark.parametrize(("indices", "message"), [([14, 1], "strictly increasing"), ([1, 16], "outside")])
+def test_bad_sparse_indices_are_refused(tmp_path: Path, indices: list[int], message: str) -> None:
+    path = tmp_path / "sparse.onnx"
+    onnx.save_model(_sparse_matmul_model(indices), str(path))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)

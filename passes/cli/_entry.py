@@ -4,7 +4,6 @@ is one `error:` line on stderr and exit 2; a verify mismatch exits 1; Ctrl-C exi
 
 from __future__ import annotations
 
-import contextvars
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _on_sigint) if in_main_thread else None
     try:
-        return contextvars.copy_context().run(_main, args)  # options that set context (--max-feed-bytes) end here
+        return _main(args)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,8 +73,6 @@ _SIZE_SUFFIX = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 def parse_bytes(text: str) -> int:
     """'4096', '512M', '2G', '1.5GiB' -> bytes."""
-    import re
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
     if match is None:
         raise click.BadParameter(f"expected a size like 512M or 2G, got {text!r}")
@@ -81,10 +80,10 @@ def parse_bytes(text: str) -> int:
 
 
 def _set_feed_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    from passes.numerics.verify import _MAX_FEED_BYTES
+    from passes.numerics.verify import max_feed_bytes
 
-    if value is not None:
-        _MAX_FEED_BYTES.set(parse_bytes(value))  # main() runs each command in its own context
+    if value is not None:  # the budget holds while the command runs and ends with its click context
+        ctx.with_resource(max_feed_bytes(parse_bytes(value)))
 
 
 _feed_budget_option = click.option(

@@ -163,6 +163,8 @@ def check_feed_budget(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
 
 
 def _gib(count: int) -> str:
+    if count < 2**20:
+        return f"{count:,} bytes"
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 

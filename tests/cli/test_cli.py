@@ -384,3 +384,19 @@ def test_console_script_help_exit_codes_and_import_cost(tmp_path: Path) -> None:
     result = json.loads(probe.stdout)
     assert result["import_s"] < 0.5, f"import passes took {result['import_s']:.3f} s"
     assert result["tvm"] is False, "import passes; passes.optimize must not import tvm"
+
+
+def test_max_feed_bytes_refuses_large_inputs_up_front_and_ends_with_the_command(
+    raw: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from passes.numerics.verify import _MAX_FEED_BYTES
+
+    # 1x100000000 int64 token ids: 763 MiB of feeds, refused before any is allocated
+    code, _, err = _run(capsys, "verify", raw, raw, "--shape", "input_ids=1x100000000", "--max-feed-bytes", "1M")
+    assert code == 2
+    assert "would take 762.9 MiB, over the 1.0 MiB budget" in _one_error_line(err)
+    code, _, err = _run(capsys, "verify", raw, raw, "--shape", "input_ids=1x16", "--max-feed-bytes", "64")
+    assert code == 2 and "would take 128 bytes, over the 64 bytes budget" in _one_error_line(err)
+    assert _MAX_FEED_BYTES.get() is None  # the budget does not outlive the command
+    code, _, err = _run(capsys, "verify", raw, raw, "--shape", "input_ids=1x16")
+    assert code == 0, err

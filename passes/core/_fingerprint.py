@@ -1,5 +1,7 @@
-"""A structural hash of a graph (`fingerprint`) and its node count, for the pass manager's unchanged-graph
-checks. Re-exported by `passes.core.ir`."""
+"""Hashes of a graph for the pass manager's unchanged-graph checks: `fingerprint` (structure: nodes, wiring,
+attributes, tensor types and shapes) and `node_identity` (which node objects, in which order: a hundred
+times cheaper, what a pipeline run checks unless full contract checks are on). Re-exported by
+`passes.core.ir`."""
 
 from __future__ import annotations
 
@@ -69,6 +71,12 @@ def _attr_key(value: object) -> object:
     except TypeError:
         return repr(value)
     return value
+
+
+def node_identity(graph: gs.Graph) -> int:
+    """A hash of which node, input and output objects the graph holds, in order: changes when a pass adds,
+    removes, reorders or replaces nodes or graph inputs/outputs (not when it rewires or edits one)."""
+    return hash((tuple(map(id, graph.nodes)), tuple(map(id, graph.inputs)), tuple(map(id, graph.outputs))))
 
 
 def node_count(graph: gs.Graph) -> int:

@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from passes.core import _gs_compat
-from passes.core._validate import densify_sparse_initializers, proto_size
-from passes.core._fingerprint import fingerprint, node_count  # noqa: F401 (part of ir's surface)
+from passes.core._validate import densify_sparse_initializers
+from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
+    INLINE_BYTES, check_graph, exported_node, graph_skeleton, import_skeleton, model_skeleton,
+)
+from passes.core._walk import tensor_map  # noqa: F401 (ditto)
+from passes.core._fingerprint import fingerprint, node_count, node_identity  # noqa: F401 (part of ir's surface)
 from passes.core._opsets import DEFAULT_DOMAINS, opset_version, set_opset_version  # noqa: F401 (ditto)
 
 
@@ -50,20 +52,16 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Gra
         model = dense
     graph = gs.import_onnx(model)
     graph._passes_model_meta = _model_meta(model)  # carried through to export_model
-    if len(graph.nodes) == len(model.graph.node):  # the model's own NodeProtos serve later skeletons
-        cache = graph.__dict__.setdefault("_passes_node_protos", {})
-        for node, proto in zip(graph.nodes, model.graph.node):
-            if node.op == proto.op_type and not any(True for _ in subgraphs(node)):
-                cache[id(node)] = (_node_key(node), node, proto)
+    skeleton = import_skeleton(graph, model)
     if infer_shapes:
-        _infer_into(graph, model_skeleton(model))
+        _infer_into(graph, skeleton)
     return graph
 
 
 def export_model(graph: gs.Graph) -> onnx.ModelProto:
     """Convert a graph back to a model, restoring the model-level fields graphsurgeon drops."""
     model = _gs_compat.export_onnx(graph)
-    meta: onnx.ModelProto | None = getattr(graph, "_passes_model_meta", None)
+    meta: onnx.ModelProto | None = graph.__dict__.get("_passes_model_meta")
     if meta is not None:
         model.ir_version = meta.ir_version or model.ir_version
         for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
@@ -228,8 +226,6 @@ def graph_output_ids(graph: gs.Graph) -> set[int]:
     return {id(t) for t in graph.outputs}
 
 
-_INFERENCE_INLINE_BYTES = 64 * 1024
-
 
 def refresh_shapes(graph: gs.Graph) -> int:
     """Re-run ONNX shape inference (with data propagation) and write the results into the graph.
@@ -237,23 +233,33 @@ def refresh_shapes(graph: gs.Graph) -> int:
     Inference sees the graph without the bytes of its large constants (they become typed inputs),
     so this costs the same at any model size. Returns how many tensors got a new shape or dtype.
     """
-    return _infer_into(graph, _graph_skeleton(graph))
+    return _infer_into(graph, graph_skeleton(graph))
 
 
-def _infer_into(graph: gs.Graph, skeleton: onnx.ModelProto) -> int:
+def _infer_into(graph: gs.Graph, skeleton: bytes) -> int:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as err:
         logger.warning("shape inference failed, continuing without it: %s", str(err).splitlines()[0])
         return 0
-    tensors = graph.tensors()
-    fresh = _fresh_dims(graph, skeleton)
+    tensors = tensor_map(graph)
+    fresh = _fresh_dims(graph)
+    # what each tensor was last given, as bytes: a re-inference mostly repeats itself, and comparing
+    # bytes costs a tenth of applying the type again
+    applied: dict[str, tuple[gs.Tensor, bytes, object, object]] = graph.__dict__.setdefault("_passes_applied_types", {})
     changed = 0
-    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for info in (*inferred.graph.value_info, *inferred.graph.output):
         tensor = tensors.get(info.name)
-        if tensor is None or isinstance(tensor, gs.Constant) or not info.type.HasField("tensor_type"):
+        if tensor is None or type(tensor) is gs.Constant:
             continue
-        changed += _apply_value_info(tensor, info.type.tensor_type, fresh)
+        kind = info.type
+        raw = kind.SerializeToString()
+        last = applied.get(info.name)
+        if (last is not None and last[0] is tensor and last[1] == raw and last[2] is tensor.dtype
+                and last[3] == tensor.shape) or not kind.HasField("tensor_type"):
+            continue
+        changed += _apply_value_info(tensor, kind.tensor_type, fresh)
+        applied[info.name] = (tensor, raw, tensor.dtype, list(tensor.shape) if tensor.shape is not None else None)
     return changed
 
 
@@ -261,102 +267,25 @@ _INFERRED_DIM = re.compile(r"unk__\d+")
 _OUR_DIM = re.compile(r"passes_dim(\d+)_")
 
 
-def _fresh_dims(graph: gs.Graph, skeleton: onnx.ModelProto) -> Callable[[str], str]:
+def _fresh_dims(graph: gs.Graph) -> Callable[[str], str]:
     """Renames for the dims one inference run invents (`unk__N`): every run numbers them from 0, so a
     name kept from an earlier run would claim equal dims that are not (onnxruntime's memory planner
     trusts dim_params and reuses buffers on that claim). A run's names become `passes_dim<run>_<N>`:
     equal within the run, where inference made them equal, and distinct from every other run's (the run
 number is past any the graph already holds, so re-imported and reloaded models are safe too)."""
-    declared = {d.dim_param for value in (*skeleton.graph.input, *skeleton.graph.output)
-                for d in value.type.tensor_type.shape.dim if d.dim_param}
+    declared = {dim for tensor in (*graph.inputs, *graph.outputs) for dim in (tensor.shape or ()) if isinstance(dim, str)}
     run: list[int] = []  # found on the first invented name: most runs invent none
 
     def rename(name: str) -> str:
         if name in declared or not _INFERRED_DIM.fullmatch(name):
             return name
         if not run:  # past every run whose names the graph (or the model it came from) holds
-            run.append(1 + max((int(match.group(1)) for tensor in graph.tensors().values()
+            run.append(1 + max((int(match.group(1)) for tensor in tensor_map(graph).values()
                                 for dim in (tensor.shape or ())
                                 if isinstance(dim, str) and (match := _OUR_DIM.match(dim))), default=0))
         return f"passes_dim{run[0]}_{name.removeprefix('unk__')}"
 
     return rename
-
-
-def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without large initializer bytes: those become typed graph inputs."""
-    skeleton = _empty_like(model.ir_version, model.opset_import, model.functions, model.graph.name)
-    graph = skeleton.graph
-    for field in ("node", "input", "output", "value_info"):
-        getattr(graph, field).extend(getattr(model.graph, field))
-    for init in model.graph.initializer:
-        if proto_size(init) > _INFERENCE_INLINE_BYTES:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        else:
-            graph.initializer.append(init)
-    return skeleton
-
-
-def _graph_skeleton(graph: gs.Graph) -> onnx.ModelProto:
-    """Export the graph for shape inference: nodes, inputs, outputs and small constants only."""
-    meta = getattr(graph, "_passes_model_meta", None)
-    opsets = [onnx.helper.make_opsetid("", int(graph.opset))]
-    opsets += [e for e in getattr(graph, "import_domains", None) or () if e.domain not in DEFAULT_DOMAINS]
-    skeleton = _empty_like(meta.ir_version if meta is not None else 8, opsets, [], graph.name or "graph")
-    out = skeleton.graph
-    cache = graph.__dict__.setdefault("_passes_node_protos", {})
-    out.node.extend(_exported_node(node, cache) for node in graph.nodes)
-    out.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
-    out.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
-    for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
-            continue
-        values = tensor._values
-        dtype = as_np_dtype(values.dtype)
-        if int(np.prod(values.shape, dtype=np.int64)) * dtype.itemsize > _INFERENCE_INLINE_BYTES:
-            out.input.append(onnx.helper.make_tensor_value_info(
-                tensor.name, onnx.helper.np_dtype_to_tensor_dtype(dtype), list(values.shape)))
-        else:
-            out.initializer.append(OnnxExporter.export_tensor_proto(tensor))
-    return skeleton
-
-
-def check_graph(graph: gs.Graph) -> None:
-    """Run the ONNX checker on the graph's skeleton (large constants as typed inputs, so no weight
-    is copied): node, attribute, type and ordering rules; raises `onnx.checker.ValidationError`."""
-    onnx.checker.check_model(_graph_skeleton(graph))
-
-
-def _exported_node(node: gs.Node, cache: dict[int, tuple[object, gs.Node, onnx.NodeProto]]) -> onnx.NodeProto:
-    """graphsurgeon's NodeProto for `node`, reused while the node's op, name, tensor names and attribute
-    objects are unchanged (exporting every node again is most of what an export costs). Nodes with
-    subgraphs are always exported afresh; an attribute value mutated in place would go unseen."""
-    if any(True for _ in subgraphs(node)):
-        return OnnxExporter.export_node(node)
-    key = _node_key(node)
-    entry = cache.get(id(node))
-    if entry is not None and entry[1] is node and entry[0] == key:
-        return entry[2]
-    proto = OnnxExporter.export_node(node)
-    cache[id(node)] = (key, node, proto)
-    return proto
-
-
-def _node_key(node: gs.Node) -> tuple[object, ...]:
-    return (
-        node.op, node.domain, node.name,
-        tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs),
-        tuple((k, id(v)) for k, v in node.attrs.items()),
-    )
-
-
-def _empty_like(ir_version: int, opsets: Iterable[onnx.OperatorSetIdProto], functions: Iterable[onnx.FunctionProto],
-                name: str) -> onnx.ModelProto:
-    skeleton = onnx.ModelProto(ir_version=ir_version)
-    skeleton.opset_import.extend(opsets)
-    skeleton.functions.extend(functions)
-    skeleton.graph.name = name
-    return skeleton
 
 
 def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor, rename: Callable[[str], str]) -> int:

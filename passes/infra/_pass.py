@@ -69,6 +69,10 @@ class Pass(abc.ABC):
     #: False for passes that change numerics on purpose (quantization, fp16): the generic property
     #: test then checks validity and idempotence, and the pass's own tests state its accuracy bound.
     exact: ClassVar[bool] = True
+    #: a second run on the pass's own output changes nothing (the generic property test holds every
+    #: registered pass to it); the pass manager then skips re-running it on a graph nothing else touched.
+    #: Set False for a pass that makes one step per run and relies on a fixpoint to repeat it.
+    idempotent: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -100,18 +104,21 @@ class Pass(abc.ABC):
     ) -> tuple[PassResult, int | None]:
         """Run on a graph with `requires`, `ensures` and the modified-flag check.
 
-        `fingerprint` is the graph's fingerprint when the caller already knows it (the pass manager
-        carries it from one unmodifying pass to the next); the graph's fingerprint after the pass is
-        returned when known, else None."""
+        The modified-flag check compares `ir.fingerprint` (the whole structure) before and after with
+        `check_contract`, else `ir.node_identity` (which nodes, a hundred times cheaper: catches a pass that
+        adds, removes or replaces nodes and says it did not). `fingerprint` is the graph's hash of that
+        kind when the caller already knows it (the pass manager carries it from one unmodifying pass to
+        the next); the hash after the pass is returned when known, else None."""
+        digest = ir.fingerprint if check_contract else ir.node_identity
         self.requires(graph)
-        before = (fingerprint if fingerprint is not None else ir.fingerprint(graph)) if check_contract else None
+        before = fingerprint if fingerprint is not None else digest(graph)
         result = self.call(graph)
         if not isinstance(result, PassResult) or result.model is not graph:
             raise PassContractError(f"pass {self.name!r} must return PassResult for the graph it was given")
         if result.modified:
             self.ensures(graph)
             return result, None
-        if check_contract and ir.fingerprint(graph) != before:
+        if digest(graph) != before:
             raise PassContractError(f"pass {self.name!r} reported modified=False but changed the graph")
         return result, before
 

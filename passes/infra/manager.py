@@ -62,6 +62,8 @@ class PipelineReport:
     ops_after: dict[str, int]
     wall_s: float = 0.0
     passes: list[PassRecord] = field(default_factory=list)
+    #: applications left out because the pass had already run on the graph as it stands (see `_Runner`)
+    skipped: int = 0
     verification: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,7 +212,10 @@ class PassManager:
     atol: float = DEFAULT_ATOL
     seed: int = 0
     dump_ir: str | Path | None = None
-    check_contracts: bool = True
+    #: compare whole-graph fingerprints around every pass that reports no change (see `Pass.run_checked`);
+    #: None: on when the environment sets PASSES_CHECK_CONTRACTS=1 (the test suite does), else the cheap
+    #: node-identity check, as compilers keep their expensive checks for their own tests.
+    check_contracts: bool | None = None
     instruments: Sequence[Instrument] = ()
 
     def resolved_pipeline(self) -> Pipeline:
@@ -225,6 +230,11 @@ class PassManager:
         if self.dump_ir is not None:
             chosen.append(DumpIRInstrument(Path(self.dump_ir)))
         return chosen + list(self.instruments)
+
+    def _full_contracts(self) -> bool:
+        if self.check_contracts is not None:
+            return self.check_contracts
+        return os.environ.get("PASSES_CHECK_CONTRACTS", "") not in ("", "0")
 
     def run(self, model: onnx.ModelProto) -> RunResult:
         """Run the pipeline on `model` (left untouched) and return the new model and the report."""
@@ -248,7 +258,7 @@ class PassManager:
         report = PipelineReport(pipeline.spec(), len(graph.nodes), len(graph.nodes), histogram, histogram)
         for instrument in instruments:
             instrument.before_pipeline(model, report)
-        _Runner(graph, report, instruments, self.check_contracts, ops=histogram).run_elements(pipeline.elements, None)
+        _Runner(graph, report, instruments, self._full_contracts(), ops=histogram).run_elements(pipeline.elements, None)
         result = ir.export_model(graph)
         report.nodes_after = len(graph.nodes)
         report.ops_after = ir.op_histogram(graph)
@@ -267,6 +277,10 @@ class _Runner:
     #: the graph's fingerprint and op histogram, carried across passes that change nothing
     fingerprint: int | None = None
     ops: dict[str, int] | None = None
+    #: how many applications changed the graph so far, and for each pass instance (by id) that count
+    #: after its last application and whether that application changed the graph
+    version: int = 0
+    last_run: dict[int, tuple[int, bool]] = field(default_factory=dict)
 
     def run_elements(self, elements: Sequence[PipelineElement], round_: int | None) -> bool:
         modified = False
@@ -288,7 +302,18 @@ class _Runner:
             "two of its passes probably undo each other"
         )
 
+    def settled(self, pass_: Pass) -> bool:
+        """The pass already ran on the graph as it stands, and running it again would change nothing:
+        its last run changed nothing (passes are deterministic), or it changed the graph and nothing
+        ran since (passes are idempotent: `Pass.idempotent`, held by tests/infra/test_every_pass.py).
+        This ends a fixpoint round early and spares most of a fixpoint's last, all-quiet round."""
+        last = self.last_run.get(id(pass_))
+        return last is not None and last[0] == self.version and (not last[1] or pass_.idempotent)
+
     def run_pass(self, pass_: Pass, round_: int | None) -> bool:
+        if self.settled(pass_):
+            self.report.skipped += 1
+            return False
         for instrument in self.instruments:
             instrument.before_pass(pass_, round_)
         nodes_before = len(self.graph.nodes)
@@ -319,6 +344,8 @@ class _Runner:
         )
         self.report.passes.append(record)
         self.ops = record.ops_after
+        self.version += result.modified
+        self.last_run[id(pass_)] = (self.version, result.modified)
         view = StepView(self.graph)
         for instrument in self.instruments:
             instrument.after_pass(pass_, view, record)

@@ -58,7 +58,7 @@ class RewriteContext:
         self.graph = graph
         self.opset = ir.opset_version(graph)
         self.graph_outputs = ir.graph_output_ids(graph)
-        self._names = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
+        self._names = set(ir.tensor_map(graph)) | {n.name for n in graph.nodes if n.name}
         self._counter = itertools.count()
         self._positions = {id(n): i for i, n in enumerate(graph.nodes)}
 

@@ -28,7 +28,7 @@ def _check(name: str, original: onnx.ModelProto) -> None:
     # names, shapes and types; its own tests state its accuracy bound
     once = pass_(original)
     onnx.checker.check_model(once.model, full_check=True)
-    assert not pass_(once.model).modified, f"{name} is not idempotent"
+    assert not pass_.idempotent or not pass_(once.model).modified, f"{name} is not idempotent"
     feeds = random_feeds(original, 0)
     expected, got = run_model(original, feeds), run_model(once.model, feeds)
     for key, value in expected.items():

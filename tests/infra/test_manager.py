@@ -69,6 +69,7 @@ class _Toggle(Pass):
     """Flips Relu <-> Sigmoid forever: never converges."""
 
     name = "toggle"
+    idempotent = False  # each run undoes the last: the runner must not skip it
 
     def call(self, graph: gs.Graph) -> PassResult:
         node = graph.nodes[-1]
@@ -134,10 +135,26 @@ def test_fixpoint_that_does_not_converge_raises() -> None:
 
 def test_fixpoint_rounds_are_recorded() -> None:
     report = PassManager("fixpoint(eliminate-identity,eliminate-dead-code)").run(_relu_model()).report
+    # round 2 is skipped whole: eliminate-identity changed the graph and nothing changed it since
+    # (passes are idempotent), eliminate-dead-code changed nothing on the graph as it stands
     assert [(r.name, r.round, r.modified) for r in report.passes] == [
         ("eliminate-identity", 1, True), ("eliminate-dead-code", 1, False),
-        ("eliminate-identity", 2, False), ("eliminate-dead-code", 2, False),
     ]
+    assert report.skipped == 2
+
+
+def test_a_pass_runs_again_once_another_changed_the_graph() -> None:
+    # Identity -> Add -> Relu, with a dead Neg: eliminate-dead-code changes the graph after
+    # eliminate-identity ran, so round 2 runs eliminate-identity again; eliminate-dead-code, the
+    # last to change it, is skipped
+    model = _relu_model()
+    model.graph.node.append(onnx.helper.make_node("Neg", ["x"], ["dead"]))
+    report = PassManager("fixpoint(eliminate-identity,eliminate-dead-code)").run(model).report
+    assert [(r.name, r.round, r.modified) for r in report.passes] == [
+        ("eliminate-identity", 1, True), ("eliminate-dead-code", 1, True), ("eliminate-identity", 2, False),
+    ]
+    assert report.skipped == 1
+
 
 
 def test_dump_ir_writes_every_intermediate_graph(tmp_path: Path) -> None:

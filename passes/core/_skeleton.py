@@ -1,0 +1,217 @@
+"""Weightless copies of a model or graph ("skeletons"), for shape inference and the ONNX checker.
+
+A skeleton keeps nodes, graph inputs and outputs and small constants; constants past `INLINE_BYTES`
+become typed graph inputs, so a skeleton costs the same for a 100 KB and a 10 GB model and never meets
+protobuf's 2 GiB limit. The pass manager builds one after every modifying pass (checker) and fold-
+constants one per round (inference), so a graph's skeleton is built as *serialized bytes* joined from
+per-node and per-constant pieces cached on the graph: a piece is re-encoded only when its node or constant
+changed, and no message is copied (protobuf's `extend` copies each message through serialisation, which
+was most of the cost). The onnx checker and shape inference take the bytes as they are.
+Re-exported by `passes.core.ir`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import SparseValues
+
+from passes.core._opsets import DEFAULT_DOMAINS
+from passes.core._validate import proto_size
+
+#: constants larger than this are handed to inference and the checker as typed inputs, without their bytes
+INLINE_BYTES = 64 * 1024
+
+_CACHE = "_passes_protos"
+#: numpy types whose raw bytes are the ONNX raw_data as they are (the exporter's general path is 5x slower)
+_PLAIN = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int8, np.int16, np.int32,
+                                        np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_))
+# GraphProto and ModelProto field numbers
+_NODE, _INITIALIZER, _INPUT, _OUTPUT, _VALUE_INFO, _GRAPH = 1, 5, 11, 12, 13, 7
+
+
+def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without large initializer bytes: those become typed graph inputs."""
+    skeleton = _empty_like(model.ir_version, model.opset_import, model.functions, model.graph.name)
+    graph = skeleton.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for init in model.graph.initializer:
+        if proto_size(init) > INLINE_BYTES:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            graph.initializer.append(init)
+    return skeleton
+
+
+def graph_skeleton(graph: gs.Graph) -> bytes:
+    """The serialized skeleton of a graph: nodes, inputs, outputs and small constants."""
+    cache = _protos(graph)
+    meta = graph.__dict__.get("_passes_model_meta")
+    opsets = [onnx.helper.make_opsetid("", int(graph.opset))]
+    opsets += [e for e in getattr(graph, "import_domains", None) or () if e.domain not in DEFAULT_DOMAINS]
+    header = _empty_like(meta.ir_version if meta is not None else 8, opsets, [], "")
+    body = onnx.GraphProto(name=graph.name or "graph").SerializeToString()
+    pieces = [body]
+    constants: dict[str, gs.Constant] = {}
+    nodes, constant_type, append = cache[0], gs.Constant, pieces.append
+    for node in graph.nodes:  # the hot loop: _node_key and the cache lookup inlined
+        attrs = node.attrs
+        inputs = node.inputs
+        entry = nodes.get(id(node))
+        if (entry is not None and entry[3] is not None and entry[1] is node and entry[0] == (
+                node.op, node.domain, node.name, [t.name for t in inputs], [t.name for t in node.outputs],
+                [*attrs], [*map(id, attrs.values())])):
+            append(entry[3])
+        else:
+            append(_node_piece(node, cache))
+        for tensor in inputs:
+            if type(tensor) is constant_type and tensor.name:
+                constants[tensor.name] = tensor
+    for tensor in graph.outputs:
+        if isinstance(tensor, gs.Constant) and tensor.name:
+            constants[tensor.name] = tensor
+    pieces.extend(_field(_INPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
+                  for t in graph.inputs)
+    pieces.extend(_field(_OUTPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
+                  for t in graph.outputs)
+    pieces.extend(_constant_piece(t, cache) for t in constants.values() if not isinstance(t._values, SparseValues))
+    return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
+
+
+def check_graph(graph: gs.Graph) -> None:
+    """Run the ONNX checker on the graph's skeleton (large constants as typed inputs, so no weight
+    is copied): node, attribute, type and ordering rules; raises `onnx.checker.ValidationError`."""
+    onnx.checker.check_model(graph_skeleton(graph))
+
+
+def import_skeleton(graph: gs.Graph, model: onnx.ModelProto) -> bytes:
+    """The serialized skeleton of `model` (its value_info and functions kept, for inference at import),
+    built from pieces that also seed the cache of `graph`, the model just imported: the model's own
+    NodeProtos serve later skeletons and exports while the nodes stay unchanged."""
+    header = _empty_like(model.ir_version, model.opset_import, model.functions, "")
+    source = model.graph
+    pieces = [onnx.GraphProto(name=source.name).SerializeToString()]
+    nodes = _protos(graph)[0] if len(graph.nodes) == len(source.node) else None
+    for index, proto in enumerate(source.node):
+        piece = _field(_NODE, proto.SerializeToString())
+        pieces.append(piece)
+        node = graph.nodes[index] if nodes is not None else None
+        if node is not None and node.op == proto.op_type and not _has_subgraph(node):
+            nodes[id(node)] = (_node_key(node), node, proto, piece)
+    for number, values in ((_INPUT, source.input), (_OUTPUT, source.output), (_VALUE_INFO, source.value_info)):
+        pieces.extend(_field(number, value.SerializeToString()) for value in values)
+    for init in source.initializer:
+        if proto_size(init) > INLINE_BYTES:
+            info = onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            pieces.append(_field(_INPUT, info.SerializeToString()))
+        else:
+            pieces.append(_field(_INITIALIZER, init.SerializeToString()))
+    return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
+
+
+def exported_node(node: gs.Node, graph: gs.Graph) -> onnx.NodeProto:
+    """graphsurgeon's NodeProto for a node of `graph`, from the cache while the node is unchanged."""
+    return _node_entry(node, _protos(graph)[0])[2]
+
+
+_Entry = tuple[tuple[object, ...], gs.Node, onnx.NodeProto, "bytes | None"]
+
+
+def _protos(graph: gs.Graph) -> tuple[dict[int, _Entry], dict[int, tuple[object, ...]]]:
+    cache = graph.__dict__.get(_CACHE)
+    if cache is None:
+        cache = graph.__dict__[_CACHE] = ({}, {})
+    return cache
+
+
+def _node_entry(node: gs.Node, nodes: dict[int, _Entry]) -> _Entry:
+    """The cached entry while the node's op, name, tensor names and attribute objects are unchanged.
+    Nodes with subgraphs are always exported afresh (an attribute mutated in place would go unseen)."""
+    key = _node_key(node)
+    entry = nodes.get(id(node))
+    if entry is not None and entry[1] is node and entry[0] == key:
+        return entry
+    entry = (key, node, OnnxExporter.export_node(node), None)
+    if not _has_subgraph(node):
+        nodes[id(node)] = entry
+    return entry
+
+
+def _node_piece(node: gs.Node, cache: tuple[dict[int, _Entry], dict[int, tuple[object, ...]]]) -> bytes:
+    nodes = cache[0]
+    entry = _node_entry(node, nodes)
+    if entry[3] is not None:
+        return entry[3]
+    piece = _field(_NODE, entry[2].SerializeToString())
+    if nodes.get(id(node)) is entry:
+        nodes[id(node)] = (entry[0], node, entry[2], piece)
+    return piece
+
+
+def _constant_piece(tensor: gs.Constant, cache: tuple[dict[int, _Entry], dict[int, tuple[object, ...]]]) -> bytes:
+    """A small constant as an initializer, a large one as a typed input; cached while the constant
+    holds the same values object under the same name."""
+    constants = cache[1]
+    values = tensor._values
+    entry = constants.get(id(tensor))
+    if entry is not None and entry[0] is tensor and entry[1] is values and entry[2] == tensor.name:
+        return entry[3]  # type: ignore[return-value]
+    if isinstance(values.dtype, (int, np.integer)):  # types numpy lacks: graphsurgeon keeps the enum
+        elem, dtype = int(values.dtype), onnx.helper.tensor_dtype_to_np_dtype(int(values.dtype))
+    else:
+        dtype = np.dtype(values.dtype)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    if int(np.prod(values.shape, dtype=np.int64)) * dtype.itemsize > INLINE_BYTES:
+        info = onnx.helper.make_tensor_value_info(tensor.name, elem, list(values.shape))
+        piece = _field(_INPUT, info.SerializeToString())
+    elif type(values) is np.ndarray and dtype in _PLAIN and tensor.__dict__.get("_export_dtype") is None:
+        proto = onnx.TensorProto(name=tensor.name, data_type=elem, dims=values.shape, raw_data=values.tobytes())
+        piece = _field(_INITIALIZER, proto.SerializeToString())
+    else:
+        piece = _field(_INITIALIZER, OnnxExporter.export_tensor_proto(tensor).SerializeToString())
+    constants[id(tensor)] = (tensor, values, tensor.name, piece)
+    return piece
+
+
+def _node_key(node: gs.Node) -> tuple[object, ...]:
+    attrs = node.attrs  # (graph_skeleton inlines this)
+    return (node.op, node.domain, node.name, [t.name for t in node.inputs], [t.name for t in node.outputs],
+            [*attrs], [*map(id, attrs.values())])
+
+
+def _has_subgraph(node: gs.Node) -> bool:
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            return True
+        if isinstance(value, (list, tuple)) and any(isinstance(v, gs.Graph) for v in value):
+            return True
+    return False
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: tag, length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _empty_like(ir_version: int, opsets: Iterable[onnx.OperatorSetIdProto], functions: Iterable[onnx.FunctionProto],
+                name: str) -> onnx.ModelProto:
+    skeleton = onnx.ModelProto(ir_version=ir_version)
+    skeleton.opset_import.extend(opsets)
+    skeleton.functions.extend(functions)
+    if name:
+        skeleton.graph.name = name
+    return skeleton

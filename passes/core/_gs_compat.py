@@ -45,6 +45,8 @@ from passes.core._validate import tensor_nbytes
 from passes.core._walk import tensor_map
 
 _PATCHED = "_passes_compat"
+#: graphsurgeon's own `import_node`, replaced by `_import_node` (kept for the test that holds them equal)
+STOCK_IMPORT_NODE: Any = None
 _TYPE_ATTRIBUTES = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
 
 
@@ -110,6 +112,8 @@ def install() -> None:
                 attrs[attribute.name] = list(attribute.type_protos)
         return attrs
 
+    global STOCK_IMPORT_NODE
+    STOCK_IMPORT_NODE = onnx_importer.OnnxImporter.import_node
     onnx_importer.OnnxImporter.import_node = staticmethod(_import_node)  # type: ignore[method-assign]
     onnx_importer.OnnxImporter.import_attributes = staticmethod(import_attributes_with_types)  # type: ignore[method-assign]
     onnx_exporter.dtype_to_onnx = _cached_dtype_to_onnx(onnx_exporter.dtype_to_onnx)

@@ -11,7 +11,7 @@
 
 - the exporter builds the graph with `initializer.extend(...)`, which copies each TensorProto through
   serialisation: a constant past protobuf's 2 GiB limit fails with `EncodeError`. `export_onnx` exports
-  such constants as placeholders and copies them in with CopyFrom, which has no limit.
+  the top-level graph itself and copies initializers in with CopyFrom, which has no limit.
 
 - speed: graphsurgeon's `import_node` builds each Node and Variable through constructors whose
   `__setattr__` hooks and list syncing cost ~25 us a node (a third of a 6,500-node pipeline run).
@@ -38,9 +38,10 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.exporters import onnx_exporter
 from onnx_graphsurgeon.importers import onnx_importer
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
+from passes.core._skeleton import node_pieces
 from passes.core._validate import tensor_nbytes
 from passes.core._walk import tensor_map
 
@@ -50,25 +51,37 @@ STOCK_IMPORT_NODE: Any = None
 _TYPE_ATTRIBUTES = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
 
 
-#: constants at least this large bypass the exporter's `extend` (see the module docstring)
-EXTEND_LIMIT = 2**30
-
-
 def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
-    """`gs.export_onnx(graph)` (types unchecked) for graphs with constants of any size."""
-    held = [(tensor, tensor._values) for tensor in tensor_map(graph).values()
-            if isinstance(tensor, gs.Constant) and stored_bytes(tensor) >= EXTEND_LIMIT]
-    try:
-        for tensor, _ in held:
-            tensor._values = np.zeros(0, np.float32)  # a placeholder initializer, replaced below
-        model = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for tensor, values in held:
-            tensor._values = values
-    slots = {t.name: t for t in model.graph.initializer} if held else {}
-    for tensor, values in held:
-        slots[tensor.name].CopyFrom(values.tensor if isinstance(values, LazyValues) else numpy_helper.from_array(values))
-        slots[tensor.name].name = tensor.name
+    """`gs.export_onnx(graph, do_type_check=False)`, faster, and for constants of any size.
+
+    The top-level graph is exported here with graphsurgeon's own per-tensor and per-function exporters;
+    nodes come from the skeleton cache as serialized pieces, parsed in one call (re-exporting every
+    node was most of an export's cost), and initializers are copied in with CopyFrom, which has no size
+    limit (`extend` serialises each one and fails past 2 GiB). Subgraphs go through graphsurgeon whole.
+    """
+    exporter = onnx_exporter.OnnxExporter
+    tensors = tensor_map(graph)
+    out = onnx.GraphProto(name=graph.name or "", doc_string=graph.doc_string or "")
+    out.MergeFromString(node_pieces(graph))
+    out.input.extend(exporter.export_value_info_proto(t, False) for t in graph.inputs)
+    out.output.extend(exporter.export_value_info_proto(t, False) for t in graph.outputs)
+    io_names = {t.name for t in (*graph.inputs, *graph.outputs)}
+    for tensor in tensors.values():
+        if isinstance(tensor, gs.Constant):
+            if isinstance(tensor._values, SparseValues):
+                out.sparse_initializer.add().CopyFrom(exporter.export_sparse_tensor_proto(tensor))
+            else:
+                out.initializer.add().CopyFrom(exporter.export_tensor_proto(tensor))
+        elif tensor.name not in io_names and (tensor.dtype is not None or tensor.shape is not None):
+            out.value_info.append(exporter.export_value_info_proto(tensor, False))
+    model = onnx.helper.make_model(
+        out, functions=[exporter.export_function(f) for f in graph.functions],
+        opset_imports=onnx_exporter.update_import_domains(graph),
+    )
+    model.producer_name = graph.producer_name or ""
+    model.producer_version = graph.producer_version or ""
+    if graph.ir_version is not None:
+        model.ir_version = graph.ir_version
     return model
 
 

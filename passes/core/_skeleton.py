@@ -58,6 +58,27 @@ def graph_skeleton(graph: gs.Graph) -> bytes:
     body = onnx.GraphProto(name=graph.name or "graph").SerializeToString()
     pieces = [body]
     constants: dict[str, gs.Constant] = {}
+    pieces.extend(_walk_nodes(graph, cache, constants))
+    for tensor in graph.outputs:
+        if isinstance(tensor, gs.Constant) and tensor.name:
+            constants[tensor.name] = tensor
+    pieces.extend(_field(_INPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
+                  for t in graph.inputs)
+    pieces.extend(_field(_OUTPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
+                  for t in graph.outputs)
+    pieces.extend(_constant_piece(t, cache) for t in constants.values() if not isinstance(t._values, SparseValues))
+    return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
+
+
+def node_pieces(graph: gs.Graph) -> bytes:
+    """The graph's nodes as serialized GraphProto `node` fields (parse them with `MergeFromString`)."""
+    return b"".join(_walk_nodes(graph, _protos(graph), None))
+
+
+def _walk_nodes(graph: gs.Graph, cache: tuple[dict[int, _Entry], dict[int, tuple[object, ...]]],
+                constants: dict[str, gs.Constant] | None) -> list[bytes]:
+    """Each node's piece, in order; the constants the nodes read are gathered into `constants`."""
+    pieces: list[bytes] = []
     nodes, constant_type, append = cache[0], gs.Constant, pieces.append
     for node in graph.nodes:  # the hot loop: _node_key and the cache lookup inlined
         attrs = node.attrs
@@ -69,18 +90,11 @@ def graph_skeleton(graph: gs.Graph) -> bytes:
             append(entry[3])
         else:
             append(_node_piece(node, cache))
-        for tensor in inputs:
-            if type(tensor) is constant_type and tensor.name:
-                constants[tensor.name] = tensor
-    for tensor in graph.outputs:
-        if isinstance(tensor, gs.Constant) and tensor.name:
-            constants[tensor.name] = tensor
-    pieces.extend(_field(_INPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
-                  for t in graph.inputs)
-    pieces.extend(_field(_OUTPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
-                  for t in graph.outputs)
-    pieces.extend(_constant_piece(t, cache) for t in constants.values() if not isinstance(t._values, SparseValues))
-    return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
+        if constants is not None:
+            for tensor in inputs:
+                if type(tensor) is constant_type and tensor.name:
+                    constants[tensor.name] = tensor
+    return pieces
 
 
 def check_graph(graph: gs.Graph) -> None:

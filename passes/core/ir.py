@@ -288,11 +288,18 @@ number is past any the graph already holds, so re-imported and reloaded models a
     return rename
 
 
+_NP_DTYPES: dict[int, np.dtype] = {}
+
+
 def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor, rename: Callable[[str], str]) -> int:
     changed = 0
-    if info.elem_type:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
-        if tensor.dtype is None or tensor.dtype == 0 or as_np_dtype(tensor.dtype) != dtype:
+    elem = info.elem_type
+    if elem:
+        dtype = _NP_DTYPES.get(elem)
+        if dtype is None:
+            dtype = _NP_DTYPES[elem] = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        current = tensor.dtype
+        if current is None or current == 0 or (current is not dtype and as_np_dtype(current) != dtype):
             tensor.dtype = dtype
             changed = 1
     if info.HasField("shape"):

@@ -57,22 +57,33 @@ class EliminateCommonSubexpressions(Pass):
     def _merge_constants(self, graph: gs.Graph, outputs: set[int]) -> int:
         """Point every use of a constant at the first constant with the same dtype, shape and bytes."""
         buckets: dict[tuple[object, ...], list[tuple[gs.Constant, np.ndarray]]] = {}
+        keepers: dict[int, gs.Constant] = {}  # constant -> the one its uses move to (itself when first)
         merged = 0
         for node in graph.nodes:
             for index, tensor in enumerate(node.inputs):
-                if not isinstance(tensor, gs.Constant) or id(tensor) in outputs:
+                if type(tensor) is not gs.Constant:
                     continue
-                if ir.constant_nbytes(tensor) > self.max_constant_bytes:  # read before loading it
-                    continue
-                values = np.asarray(tensor.values)
-                bucket = buckets.setdefault(_sample_key(values), [])
-                keeper = next((c for c, v in bucket if c is tensor or _same_bytes(v, values)), None)
+                keeper = keepers.get(id(tensor))
                 if keeper is None:
-                    bucket.append((tensor, values))
-                elif keeper is not tensor:
+                    keeper = keepers[id(tensor)] = self._keeper(tensor, buckets, outputs)
+                if keeper is not tensor:
                     ir.set_input(node, index, keeper)
                     merged += 1
         return merged
+
+    def _keeper(self, tensor: gs.Constant, buckets: dict[tuple[object, ...], list[tuple[gs.Constant, np.ndarray]]],
+                outputs: set[int]) -> gs.Constant:
+        """The first constant seen with `tensor`'s dtype, shape and bytes (`tensor` itself when it is the
+        first, a graph output, or too large to compare)."""
+        if id(tensor) in outputs or ir.constant_nbytes(tensor) > self.max_constant_bytes:  # size read unloaded
+            return tensor
+        values = np.asarray(tensor.values)
+        bucket = buckets.setdefault(_sample_key(values), [])
+        keeper = next((c for c, v in bucket if _same_bytes(v, values)), None)
+        if keeper is None:
+            bucket.append((tensor, values))
+            return tensor
+        return keeper
 
 
 def _merge_into(graph: gs.Graph, first: gs.Node, duplicate: gs.Node, outputs: set[int]) -> bool:
@@ -110,7 +121,7 @@ def _sample_key(values: np.ndarray) -> tuple[object, ...]:
 
 def _node_key(node: gs.Node) -> tuple[object, ...] | None:
     """A hashable identity of what the node computes, or None when it must not be merged."""
-    if node.op in NONDETERMINISTIC or any(True for _ in ir.subgraphs(node)) or not node.outputs:
+    if node.op in NONDETERMINISTIC or not node.outputs or _has_subgraph(node):
         return None
     try:
         attrs = tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items()))
@@ -118,6 +129,11 @@ def _node_key(node: gs.Node) -> tuple[object, ...] | None:
         return None
     inputs = tuple(id(t) if t.name or not isinstance(t, gs.Variable) else None for t in node.inputs)
     return (node.domain or "", node.op, inputs, len(node.outputs), attrs)
+
+
+def _has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(v, gs.Graph) or isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v)
+               for v in node.attrs.values())
 
 
 def _attr_key(value: object) -> object:

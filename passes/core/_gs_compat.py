@@ -15,7 +15,7 @@
 
 - speed: graphsurgeon's `import_node` builds each Node and Variable through constructors whose
   `__setattr__` hooks and list syncing cost ~25 us a node (a third of a 6,500-node pipeline run).
-  `_import_node` does the same work with the objects' fields set directly; `tests/core/test_gs_compat.py`
+  `_import_node` (and `import_tensor`, for constants) does the same work with the objects' fields set directly; `tests/core/test_gs_compat.py`
   holds it equal to graphsurgeon's own on the node suite and real exports.
 
 graphsurgeon's own warnings (printed to stdout: "Model does not contain ONNX domain opset information",
@@ -46,8 +46,10 @@ from passes.core._validate import tensor_nbytes
 from passes.core._walk import tensor_map
 
 _PATCHED = "_passes_compat"
-#: graphsurgeon's own `import_node`, replaced by `_import_node` (kept for the test that holds them equal)
+#: graphsurgeon's own `import_node` and `import_tensor`, replaced by faster twins (kept for the test that
+#: holds them equal)
 STOCK_IMPORT_NODE: Any = None
+STOCK_IMPORT_TENSOR: Any = None
 _TYPE_ATTRIBUTES = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
 
 
@@ -125,8 +127,10 @@ def install() -> None:
                 attrs[attribute.name] = list(attribute.type_protos)
         return attrs
 
-    global STOCK_IMPORT_NODE
+    global STOCK_IMPORT_NODE, STOCK_IMPORT_TENSOR
     STOCK_IMPORT_NODE = onnx_importer.OnnxImporter.import_node
+    STOCK_IMPORT_TENSOR = onnx_importer.OnnxImporter.import_tensor
+    onnx_importer.OnnxImporter.import_tensor = staticmethod(_import_tensor(STOCK_IMPORT_TENSOR))  # type: ignore[method-assign]
     onnx_importer.OnnxImporter.import_node = staticmethod(_import_node)  # type: ignore[method-assign]
     onnx_importer.OnnxImporter.import_attributes = staticmethod(import_attributes_with_types)  # type: ignore[method-assign]
     onnx_exporter.dtype_to_onnx = _cached_dtype_to_onnx(onnx_exporter.dtype_to_onnx)
@@ -161,6 +165,33 @@ def _synchronized(parent: object, field_name: str, items: list[Any]) -> Synchron
     for item in items:
         list.append(item.__dict__[field_name], parent)
     return synced
+
+
+def new_constant(name: str, values: np.ndarray | LazyValues) -> gs.Constant:
+    """`gs.Constant(name, values)`, its fields set directly (folding makes thousands)."""
+    tensor = gs.Constant.__new__(gs.Constant)
+    fields = tensor.__dict__
+    fields["name"] = name
+    fields["inputs"] = _synchronized(tensor, "outputs", [])
+    fields["outputs"] = _synchronized(tensor, "inputs", [])
+    fields["_values"] = values
+    fields["data_location"] = None
+    fields["_export_dtype"] = None
+    return tensor
+
+
+def _import_tensor(stock: Any) -> Any:
+    """graphsurgeon's `OnnxImporter.import_tensor`, with a TensorProto's Constant built field by field."""
+
+    def import_tensor(onnx_tensor: Any) -> gs.Tensor:
+        if type(onnx_tensor) is not onnx.TensorProto:
+            return stock(onnx_tensor)
+        constant = new_constant(onnx_tensor.name, LazyValues(onnx_tensor))
+        if onnx_tensor.HasField("data_location"):
+            constant.__dict__["data_location"] = int(onnx_tensor.data_location)
+        return constant
+
+    return import_tensor
 
 
 def _variable(name: str) -> gs.Variable:

@@ -128,6 +128,8 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
 
 #: bytes of a constant's values; a constant not loaded yet stays unloaded
 constant_nbytes = _gs_compat.stored_bytes
+#: `gs.Constant(name, values)`, built faster
+new_constant = _gs_compat.new_constant
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:

@@ -209,8 +209,7 @@ def _lift_constant_node(node: gs.Node, outputs: set[int]) -> bool:
     value = ir.constant_value(out)
     if value is None:  # sparse_value or an attribute reference: leave it
         return False
-    constant = gs.Constant(out.name, np.asarray(value))
-    ir.replace_all_uses(out, constant)
+    ir.replace_all_uses(out, ir.new_constant(out.name, np.asarray(value)))
     ir.detach_node(node)
     return True
 
@@ -223,7 +222,7 @@ def _replace_with_constants(node: gs.Node, values: list[np.ndarray], outputs: se
         if id(tensor) in outputs:  # a graph output cannot be an initializer: produce it with a Constant node
             kept_as_nodes.append((tensor, value))
         else:
-            ir.replace_all_uses(tensor, gs.Constant(tensor.name, value))
+            ir.replace_all_uses(tensor, ir.new_constant(tensor.name, value))
     ir.detach_node(node)
     replacements = []
     for tensor, value in kept_as_nodes:

@@ -1,4 +1,4 @@
-"""The faster `import_node` (`passes.core._gs_compat`) builds the same graph as graphsurgeon's own: every
+"""The faster `import_node` and `import_tensor` (`passes.core._gs_compat`) build the same graph as graphsurgeon's own: every
 node's op, name, domain and attributes, its tensors by name and kind, and the use lists on both sides
 (which node objects consume and produce each tensor, in order, repeats included)."""
 
@@ -18,12 +18,14 @@ from passes.samples import build_sample
 
 
 def _stock_import(model: onnx.ModelProto) -> gs.Graph:
-    ours = onnx_importer.OnnxImporter.import_node
-    onnx_importer.OnnxImporter.import_node = staticmethod(_gs_compat.STOCK_IMPORT_NODE)
+    importer = onnx_importer.OnnxImporter
+    ours = importer.import_node, importer.import_tensor
+    importer.import_node = staticmethod(_gs_compat.STOCK_IMPORT_NODE)
+    importer.import_tensor = staticmethod(_gs_compat.STOCK_IMPORT_TENSOR)
     try:
         return gs.import_onnx(model)
     finally:
-        onnx_importer.OnnxImporter.import_node = ours
+        importer.import_node, importer.import_tensor = (staticmethod(f) for f in ours)
 
 
 def _describe(graph: gs.Graph) -> Iterator[object]:
@@ -32,7 +34,8 @@ def _describe(graph: gs.Graph) -> Iterator[object]:
 
     def tensor(t: gs.Tensor) -> object:
         uses = (tuple(index.get(id(n), "outer") for n in t.inputs), tuple(index.get(id(n), "outer") for n in t.outputs))
-        return (type(t).__name__, t.name, str(t.dtype), t.shape, getattr(t, "type", None), uses)
+        extra = (t.data_location, t.__dict__.get("_export_dtype")) if isinstance(t, gs.Constant) else ()
+        return (type(t).__name__, t.name, str(t.dtype), t.shape, getattr(t, "type", None), uses, extra)
 
     def attr(value: object) -> object:
         if isinstance(value, gs.Graph):

@@ -53,6 +53,8 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Gra
     graph = gs.import_onnx(model)
     graph._passes_model_meta = _model_meta(model)  # carried through to export_model
     skeleton = import_skeleton(graph, model)
+    # runs of our inference that named the model's dims (a scan of the bytes: the names sit in its value_info)
+    graph.__dict__[_DIM_RUN] = max((int(n) for n in _OUR_DIM_BYTES.findall(skeleton)), default=0)
     if infer_shapes:
         _infer_into(graph, skeleton)
     return graph
@@ -267,6 +269,9 @@ def _infer_into(graph: gs.Graph, skeleton: bytes) -> int:
 
 _INFERRED_DIM = re.compile(r"unk__\d+")
 _OUR_DIM = re.compile(r"passes_dim(\d+)_")
+_OUR_DIM_BYTES = re.compile(rb"passes_dim(\d+)_")
+#: the graph's last inference run number (see `_fresh_dims`), kept on the graph
+_DIM_RUN = "_passes_dim_run"
 
 
 def _fresh_dims(graph: gs.Graph) -> Callable[[str], str]:
@@ -282,9 +287,13 @@ number is past any the graph already holds, so re-imported and reloaded models a
         if name in declared or not _INFERRED_DIM.fullmatch(name):
             return name
         if not run:  # past every run whose names the graph (or the model it came from) holds
-            run.append(1 + max((int(match.group(1)) for tensor in tensor_map(graph).values()
-                                for dim in (tensor.shape or ())
-                                if isinstance(dim, str) and (match := _OUR_DIM.match(dim))), default=0))
+            last = graph.__dict__.get(_DIM_RUN)
+            if last is None:  # a graph import_graph did not make: look at its names once
+                last = max((int(match.group(1)) for tensor in tensor_map(graph).values()
+                            for dim in (tensor.shape or ())
+                            if isinstance(dim, str) and (match := _OUR_DIM.match(dim))), default=0)
+            run.append(last + 1)
+            graph.__dict__[_DIM_RUN] = run[0]
         return f"passes_dim{run[0]}_{name.removeprefix('unk__')}"
 
     return rename
@@ -305,8 +314,8 @@ def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor, rename: Ca
             tensor.dtype = dtype
             changed = 1
     if info.HasField("shape"):
-        shape = [d.dim_value if d.HasField("dim_value") else (rename(d.dim_param) if d.dim_param else None)
-                 for d in info.shape.dim]
+        shape = [d.dim_value if kind == "dim_value" else rename(d.dim_param) if kind == "dim_param" and d.dim_param else None
+                 for d in info.shape.dim for kind in (d.WhichOneof("value"),)]
         old = list(tensor.shape) if tensor.shape is not None else None
         if old != shape and (old is None or _more_static(shape, old)):
             tensor.shape = shape

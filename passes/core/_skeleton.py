@@ -33,6 +33,11 @@ _CACHE = "_passes_protos"
 #: numpy types whose raw bytes are the ONNX raw_data as they are (the exporter's general path is 5x slower)
 _PLAIN = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int8, np.int16, np.int32,
                                         np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_))
+#: a cached node: its key (see `_node_key`), the node, its NodeProto, once encoded its serialized piece, and
+#: its attribute values, held so that no id in the key can be reused by a new object while the entry lives
+_Entry = tuple[tuple[object, ...], gs.Node, onnx.NodeProto, "bytes | None", list[object]]
+#: per graph: node id -> entry; constant id -> (constant, values object, name, piece)
+_Cache = tuple[dict[int, _Entry], dict[int, tuple[object, ...]]]
 # GraphProto and ModelProto field numbers
 _NODE, _INITIALIZER, _INPUT, _OUTPUT, _VALUE_INFO, _GRAPH = 1, 5, 11, 12, 13, 7
 
@@ -78,7 +83,7 @@ def node_pieces(graph: gs.Graph) -> bytes:
     return b"".join(_walk_nodes(graph, _protos(graph), None))
 
 
-def _walk_nodes(graph: gs.Graph, cache: tuple[dict[int, _Entry], dict[int, tuple[object, ...]]],
+def _walk_nodes(graph: gs.Graph, cache: _Cache,
                 constants: dict[str, gs.Constant] | None) -> list[bytes]:
     """Each node's piece, in order; the constants the nodes read are gathered into `constants`."""
     pieces: list[bytes] = []
@@ -119,7 +124,7 @@ def import_skeleton(graph: gs.Graph, model: onnx.ModelProto) -> bytes:
         pieces.append(piece)
         node = graph.nodes[index] if nodes is not None else None
         if node is not None and node.op == proto.op_type and not _has_subgraph(node):
-            nodes[id(node)] = (_node_key(node), node, proto, piece)
+            nodes[id(node)] = (_node_key(node), node, proto, piece, [*node.attrs.values()])
     for number, values in ((_INPUT, source.input), (_OUTPUT, source.output), (_VALUE_INFO, source.value_info)):
         pieces.extend(_field(number, value.SerializeToString()) for value in values)
     for init in source.initializer:
@@ -131,15 +136,7 @@ def import_skeleton(graph: gs.Graph, model: onnx.ModelProto) -> bytes:
     return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
 
 
-def exported_node(node: gs.Node, graph: gs.Graph) -> onnx.NodeProto:
-    """graphsurgeon's NodeProto for a node of `graph`, from the cache while the node is unchanged."""
-    return _node_entry(node, _protos(graph)[0])[2]
-
-
-_Entry = tuple[tuple[object, ...], gs.Node, onnx.NodeProto, "bytes | None"]
-
-
-def _protos(graph: gs.Graph) -> tuple[dict[int, _Entry], dict[int, tuple[object, ...]]]:
+def _protos(graph: gs.Graph) -> _Cache:
     cache = graph.__dict__.get(_CACHE)
     if cache is None:
         cache = graph.__dict__[_CACHE] = ({}, {})
@@ -147,30 +144,31 @@ def _protos(graph: gs.Graph) -> tuple[dict[int, _Entry], dict[int, tuple[object,
 
 
 def _node_entry(node: gs.Node, nodes: dict[int, _Entry]) -> _Entry:
-    """The cached entry while the node's op, name, tensor names and attribute objects are unchanged.
-    Nodes with subgraphs are always exported afresh (an attribute mutated in place would go unseen)."""
+    """The cached entry while the node's op, name, tensor names and attribute objects are unchanged
+    (passes replace attribute values, never mutate them in place: that would go unseen). Nodes with
+    subgraphs are always exported afresh."""
     key = _node_key(node)
     entry = nodes.get(id(node))
     if entry is not None and entry[1] is node and entry[0] == key:
         return entry
-    entry = (key, node, OnnxExporter.export_node(node), None)
+    entry = (key, node, OnnxExporter.export_node(node), None, [*node.attrs.values()])
     if not _has_subgraph(node):
         nodes[id(node)] = entry
     return entry
 
 
-def _node_piece(node: gs.Node, cache: tuple[dict[int, _Entry], dict[int, tuple[object, ...]]]) -> bytes:
+def _node_piece(node: gs.Node, cache: _Cache) -> bytes:
     nodes = cache[0]
     entry = _node_entry(node, nodes)
     if entry[3] is not None:
         return entry[3]
     piece = _field(_NODE, entry[2].SerializeToString())
     if nodes.get(id(node)) is entry:
-        nodes[id(node)] = (entry[0], node, entry[2], piece)
+        nodes[id(node)] = (entry[0], node, entry[2], piece, entry[4])
     return piece
 
 
-def _constant_piece(tensor: gs.Constant, cache: tuple[dict[int, _Entry], dict[int, tuple[object, ...]]]) -> bytes:
+def _constant_piece(tensor: gs.Constant, cache: _Cache) -> bytes:
     """A small constant as an initializer, a large one as a typed input; cached while the constant
     holds the same values object under the same name."""
     constants = cache[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from passes.core import _gs_compat
 from passes.core._validate import densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
-    INLINE_BYTES, check_graph, exported_node, graph_skeleton, import_skeleton, model_skeleton,
+    INLINE_BYTES, check_graph, graph_skeleton, import_skeleton, model_skeleton,
 )
 from passes.core._walk import tensor_map  # noqa: F401 (ditto)
 from passes.core._fingerprint import fingerprint, node_count, node_identity  # noqa: F401 (part of ir's surface)
@@ -109,10 +109,13 @@ def elem_type(tensor: gs.Tensor) -> int | None:
 def op_histogram(graph: gs.Graph | onnx.ModelProto) -> dict[str, int]:
     """Op type -> count for the top-level graph, most frequent first (domain-qualified if custom)."""
     if isinstance(graph, onnx.ModelProto):
-        ops: Iterable[str] = (_qualified(n.domain, n.op_type) for n in graph.graph.node)
+        counts = Counter((n.domain, n.op_type) for n in graph.graph.node)
     else:
-        ops = (_qualified(n.domain, n.op) for n in graph.nodes)
-    return dict(Counter(ops).most_common())
+        counts = Counter((n.domain, n.op) for n in graph.nodes)
+    merged: Counter[str] = Counter()
+    for (domain, op), count in counts.items():
+        merged[_qualified(domain, op)] += count
+    return dict(merged.most_common())
 
 
 def _qualified(domain: str | None, op: str) -> str:

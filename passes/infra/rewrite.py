@@ -58,7 +58,7 @@ class RewriteContext:
         self.graph = graph
         self.opset = ir.opset_version(graph)
         self.graph_outputs = ir.graph_output_ids(graph)
-        self._names = set(ir.tensor_map(graph)) | {n.name for n in graph.nodes if n.name}
+        self._names: set[str] | None = None  # the graph's names, gathered on the first `fresh`
         self._counter = itertools.count()
         self._positions = {id(n): i for i, n in enumerate(graph.nodes)}
 
@@ -92,6 +92,8 @@ class RewriteContext:
     # -- rewriting helpers -------------------------------------------------------------------
     def fresh(self, base: str) -> str:
         """A tensor or node name not used anywhere in the graph."""
+        if self._names is None:
+            self._names = set(ir.tensor_map(self.graph)) | {n.name for n in self.graph.nodes if n.name}
         while True:
             name = f"{base}_{next(self._counter)}"
             if name not in self._names:

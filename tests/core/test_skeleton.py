@@ -1,0 +1,76 @@
+"""The skeleton cache (`passes.core._skeleton`): exports, the checker and re-inference reuse a node's
+serialized piece only while the node is unchanged, and a skeleton holds small constants inline and large
+ones as typed inputs."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper
+
+from passes.core import ir
+
+
+def _model() -> onnx.ModelProto:
+    f = onnx.TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0], name="transpose"),
+        helper.make_node("Add", ["t", "small"], ["a"], name="add"),
+        helper.make_node("MatMul", ["a", "large"], ["y"], name="matmul"),
+    ]
+    small = onnx.numpy_helper.from_array(np.ones((3, 2), np.float32), "small")
+    large = onnx.numpy_helper.from_array(np.ones((2, 2048), np.float32), "large")  # 16 KiB
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [2, 3])],
+                              [helper.make_tensor_value_info("y", f, [3, 2048])], [small, large])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _node(graph: gs.Graph, name: str) -> gs.Node:
+    return next(n for n in graph.nodes if n.name == name)
+
+
+def test_an_export_after_a_change_shows_the_change() -> None:
+    graph = ir.import_graph(_model())
+    ir.export_model(graph)  # the cache now holds every node
+    _node(graph, "transpose").attrs["perm"] = [0, 1]
+    _node(graph, "add").outputs[0].name = "renamed"
+    _node(graph, "matmul").op = "Mul"
+    exported = {n.name: n for n in ir.export_model(graph).graph.node}
+    assert list(exported["transpose"].attribute[0].ints) == [0, 1]
+    assert exported["add"].output[0] == "renamed" and exported["matmul"].input[0] == "renamed"
+    assert exported["matmul"].op_type == "Mul"
+
+
+def test_an_attribute_replaced_twice_between_exports_is_seen() -> None:
+    # the cache keys attribute values by id: an id freed by the first replacement must not be reused
+    # by the second and pass for the cached value
+    graph = ir.import_graph(_model())
+    ir.export_model(graph)
+    node = _node(graph, "transpose")
+    for _ in range(50):
+        node.attrs["perm"] = [1, 0]
+        node.attrs["perm"] = [0, 1]
+        gc.collect()
+        assert list(ir.export_model(graph).graph.node[0].attribute[0].ints) == [0, 1]
+        node.attrs["perm"] = [1, 0]
+        assert list(ir.export_model(graph).graph.node[0].attribute[0].ints) == [1, 0]
+
+
+def test_the_checker_sees_a_node_broken_after_the_cache_is_warm() -> None:
+    graph = ir.import_graph(_model())
+    ir.check_graph(graph)
+    _node(graph, "add").op = "NoSuchOp"
+    with pytest.raises(onnx.checker.ValidationError, match="NoSuchOp"):
+        ir.check_graph(graph)
+
+
+def test_a_skeleton_inlines_small_constants_and_types_large_ones() -> None:
+    skeleton = onnx.ModelProto.FromString(ir.graph_skeleton(ir.import_graph(_model())))
+    assert [t.name for t in skeleton.graph.initializer] == ["small"]
+    assert [i.name for i in skeleton.graph.input] == ["x", "large"]
+    assert [d.dim_value for d in skeleton.graph.input[1].type.tensor_type.shape.dim] == [2, 2048]
+    onnx.checker.check_model(skeleton)

@@ -95,6 +95,11 @@ class FoldConstants(Pass):
                 return [picked], ""
         if not node.inputs:
             return None, ""
+        for tensor in node.inputs:  # most nodes read a computed tensor: say so before loading anything
+            if type(tensor) is not gs.Constant and tensor.name:
+                made_by = tensor.inputs
+                if not made_by or made_by[0].op != "Constant":
+                    return None, ""
         if node.op == "DequantizeLinear":
             return None, "DequantizeLinear keeps its weight quantized (folding would store it as float again)"
         inputs: list[np.ndarray | None] = []

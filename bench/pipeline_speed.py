@@ -4,7 +4,7 @@ Side by side, in one process run, on the bundled tiny-llama decoder at 2, 8 and 
 TorchScript-idiom graph has ~6,500 nodes): our default pipeline (`passes.optimize`, checker on, and
 with the checker off), onnxsim, onnxslim, onnxruntime's offline optimizer (ORT_ENABLE_EXTENDED, writing the
 optimized model), and onnxoptimizer. Each tool is warmed up once (imports excluded); each timing is
-the best of `--repeat` runs. Prints a table with
+the best of `--repeat` runs, the tools taking turns. Prints a table with
 ratios against onnxsim and growth against the smallest graph, and writes JSON.
 
     python bench/pipeline_speed.py [--layers 2 8 32] [--real] [--repeat 3] [--json out/pipeline_speed.json]
@@ -34,12 +34,15 @@ from passes.infra.manager import PassManager
 from passes.samples import build_sample
 
 
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
+def _interleaved(model: onnx.ModelProto, repeat: int) -> dict[str, float]:
+    """Each tool's best of `repeat` runs, the tools taking turns within each repeat: on a shared machine
+    whose speed drifts over minutes, a slow spell then costs every tool alike instead of one."""
+    best = dict.fromkeys(TOOLS, float("inf"))
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in TOOLS.items():
+            start = time.perf_counter()
+            fn(model)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -102,7 +105,7 @@ def run(layers: list[int], repeat: int, real: bool = False) -> dict[str, object]
     rows = []
     for label, model in _models(layers, real):
         nodes_after = len(passes.optimize(model).graph.node)
-        times = {name: _best(lambda fn=fn: fn(model), repeat) for name, fn in TOOLS.items()}
+        times = _interleaved(model, repeat)
         rows.append({"model": label, "nodes": len(model.graph.node), "nodes_after": nodes_after, "seconds": times})
     return {
         "bench": "pipeline_speed",

@@ -3,39 +3,19 @@ HYPOTHESIS_PROFILE=soak for a long bug hunt) and small fixtures."""
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import onnx
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests._checkout_imports import install as install_checkout_imports
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-class _InstalledOverCheckout(importlib.abc.MetaPathFinder):
-    """`kernels` and `targets` are folders of this checkout (installed as `passes.kernels` and
-    `passes.targets`), and pytest puts the checkout's root on sys.path, so a top-level `import kernels`
-    would find our folder. transformers imports Hugging Face's `kernels` package (a dependency of it):
-    top-level imports of these names skip the checkout's root and get the installed package (where none
-    is installed, the search goes on as usual)."""
-
-    NAMES = frozenset({"kernels", "targets"})
-
-    def find_spec(self, fullname: str, path: Sequence[str] | None,
-                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if path is not None or fullname not in self.NAMES:
-            return None
-        elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
-        return importlib.machinery.PathFinder.find_spec(fullname, elsewhere)
-
-
-sys.meta_path.insert(0, _InstalledOverCheckout())
+install_checkout_imports()  # transformers must get Hugging Face's `kernels`, not our folder
 # every pipeline run in the suite compares whole-graph fingerprints around passes that report no change
 # (`PassManager.check_contracts`; users get the cheap node-identity check)
 os.environ.setdefault("PASSES_CHECK_CONTRACTS", "1")

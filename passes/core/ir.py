@@ -254,6 +254,7 @@ def _infer_into(graph: gs.Graph, skeleton: bytes) -> int:
     # what each tensor was last given, as bytes: a re-inference mostly repeats itself, and comparing
     # bytes costs a tenth of applying the type again
     applied: dict[str, tuple[gs.Tensor, bytes, object, object]] = graph.__dict__.setdefault("_passes_applied_types", {})
+    converted: dict[bytes, tuple[np.dtype | None, list[object] | None]] = {}  # many tensors share a type
     changed = 0
     for info in (*inferred.graph.value_info, *inferred.graph.output):
         tensor = tensors.get(info.name)
@@ -262,10 +263,14 @@ def _infer_into(graph: gs.Graph, skeleton: bytes) -> int:
         kind = info.type
         raw = kind.SerializeToString()
         last = applied.get(info.name)
-        if (last is not None and last[0] is tensor and last[1] == raw and last[2] is tensor.dtype
-                and last[3] == tensor.shape) or not kind.HasField("tensor_type"):
+        if last is not None and last[0] is tensor and last[1] == raw and last[2] is tensor.dtype and last[3] == tensor.shape:
             continue
-        changed += _apply_value_info(tensor, kind.tensor_type, fresh)
+        typed = converted.get(raw)
+        if typed is None:
+            if not kind.HasField("tensor_type"):
+                continue
+            typed = converted[raw] = _convert_type(kind.tensor_type, fresh)
+        changed += _apply_type(tensor, *typed)
         applied[info.name] = (tensor, raw, tensor.dtype, list(tensor.shape) if tensor.shape is not None else None)
     return changed
 
@@ -305,23 +310,32 @@ number is past any the graph already holds, so re-imported and reloaded models a
 _NP_DTYPES: dict[int, np.dtype] = {}
 
 
-def _apply_value_info(tensor: gs.Tensor, info: onnx.TypeProto.Tensor, rename: Callable[[str], str]) -> int:
-    changed = 0
-    elem = info.elem_type
-    if elem:
-        dtype = _NP_DTYPES.get(elem)
+def _convert_type(info: onnx.TypeProto.Tensor, rename: Callable[[str], str]) -> tuple[np.dtype | None, list[object] | None]:
+    """An inferred tensor type as graphsurgeon keeps it: numpy dtype (None if unset), shape (None if unknown)."""
+    dtype = None
+    if info.elem_type:
+        dtype = _NP_DTYPES.get(info.elem_type)
         if dtype is None:
-            dtype = _NP_DTYPES[elem] = onnx.helper.tensor_dtype_to_np_dtype(elem)
+            dtype = _NP_DTYPES[info.elem_type] = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
+    shape = None
+    if info.HasField("shape"):
+        shape = [d.dim_value if kind == "dim_value" else rename(d.dim_param) if kind == "dim_param" and d.dim_param else None
+                 for d in info.shape.dim for kind in (d.WhichOneof("value"),)]
+    return dtype, shape
+
+
+def _apply_type(tensor: gs.Tensor, dtype: np.dtype | None, shape: list[object] | None) -> int:
+    """Give the tensor an inferred dtype, and the inferred shape when it knows more; 1 if anything changed."""
+    changed = 0
+    if dtype is not None:
         current = tensor.dtype
         if current is None or current == 0 or (current is not dtype and as_np_dtype(current) != dtype):
             tensor.dtype = dtype
             changed = 1
-    if info.HasField("shape"):
-        shape = [d.dim_value if kind == "dim_value" else rename(d.dim_param) if kind == "dim_param" and d.dim_param else None
-                 for d in info.shape.dim for kind in (d.WhichOneof("value"),)]
+    if shape is not None:
         old = list(tensor.shape) if tensor.shape is not None else None
         if old != shape and (old is None or _more_static(shape, old)):
-            tensor.shape = shape
+            tensor.shape = list(shape)  # a copy: tensors of one type must not share a list
             changed = 1
     return changed
 

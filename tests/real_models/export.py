@@ -28,6 +28,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 import onnx
 
+from tests._checkout_imports import install as _install_checkout_imports
+
+_install_checkout_imports()  # bench/ imports this module with the checkout's root on sys.path
+
 Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[Exporter, ...] = get_args(Exporter)
 OPSETS: Mapping[str, int] = MappingProxyType({"torchscript": 17, "dynamo": 18})

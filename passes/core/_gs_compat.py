@@ -181,15 +181,36 @@ def new_constant(name: str, values: np.ndarray | LazyValues) -> gs.Constant:
 
 
 def _import_tensor(stock: Any) -> Any:
-    """graphsurgeon's `OnnxImporter.import_tensor`, with a TensorProto's Constant built field by field."""
+    """graphsurgeon's `OnnxImporter.import_tensor`, with a TensorProto's Constant and a tensor-typed
+    ValueInfoProto's Variable built field by field."""
+
+    def stock_dtype(elem: int) -> Any:
+        numpy_type = onnx_importer.get_numpy_type(elem)
+        return numpy_type if numpy_type is not None else elem
+
+    dtypes: dict[int, Any] = {}
 
     def import_tensor(onnx_tensor: Any) -> gs.Tensor:
-        if type(onnx_tensor) is not onnx.TensorProto:
+        kind = type(onnx_tensor)
+        if kind is onnx.TensorProto:
+            constant = new_constant(onnx_tensor.name, LazyValues(onnx_tensor))
+            if onnx_tensor.HasField("data_location"):
+                constant.__dict__["data_location"] = int(onnx_tensor.data_location)
+            return constant
+        if kind is not onnx.ValueInfoProto or onnx_tensor.type.WhichOneof("value") != "tensor_type":
             return stock(onnx_tensor)
-        constant = new_constant(onnx_tensor.name, LazyValues(onnx_tensor))
-        if onnx_tensor.HasField("data_location"):
-            constant.__dict__["data_location"] = int(onnx_tensor.data_location)
-        return constant
+        typed = onnx_tensor.type.tensor_type
+        elem = typed.elem_type
+        dtype = dtypes.get(elem)
+        if dtype is None:  # what graphsurgeon keeps: the numpy type, or the enum for types numpy lacks
+            dtype = dtypes[elem] = stock_dtype(elem)
+        tensor = _variable(onnx_tensor.name)
+        fields = tensor.__dict__
+        fields["dtype"] = dtype
+        if typed.HasField("shape"):
+            fields["shape"] = [d.dim_param if w == "dim_param" else d.dim_value if w == "dim_value" else None
+                               for d in typed.shape.dim for w in (d.WhichOneof("value"),)]
+        return tensor
 
     return import_tensor
 

@@ -71,8 +71,24 @@ def _models() -> Iterator[tuple[str, onnx.ModelProto]]:
         nodes, "g", [helper.make_tensor_value_info("x", f, [2])], [helper.make_tensor_value_info("y", f, None)],
         [helper.make_tensor("hi", f, [], [6.0]), helper.make_tensor("zero", f, [], [0.0])],
     )
+    # value_info as exporters write it: named and unknown dims, no shape, a type numpy lacks, an
+    # optional, a tensor listed twice
+    graph.value_info.extend([
+        helper.make_tensor_value_info("sq", f, ["n"]),
+        helper.make_tensor_value_info("clipped", f, [None]),
+        helper.make_tensor_value_info("total", f, None),
+        helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []),
+        helper.make_tensor_value_info("sq", f, [2]),
+        helper.make_value_info("picked", helper.make_optional_type_proto(helper.make_tensor_type_proto(f, [2]))),
+    ])
     yield "hand-made", helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                               helper.make_opsetid("com.example", 1)])
+    bf16 = helper.make_graph([helper.make_node("Cast", ["x"], ["h"], to=onnx.TensorProto.BFLOAT16),
+                              helper.make_node("Cast", ["h"], ["y"], to=f)], "bf16",
+                             [helper.make_tensor_value_info("x", f, ["n", 3])],
+                             [helper.make_tensor_value_info("y", f, ["n", 3])],
+                             value_info=[helper.make_tensor_value_info("h", onnx.TensorProto.BFLOAT16, ["n", 3])])
+    yield "bfloat16", helper.make_model(bf16, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize(("label", "model"), list(_models()), ids=lambda v: v if isinstance(v, str) else "")

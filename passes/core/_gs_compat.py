@@ -41,7 +41,7 @@ from onnx_graphsurgeon.importers import onnx_importer
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
-from passes.core._skeleton import node_pieces
+from passes.core._skeleton import node_pieces, value_info_pieces
 from passes.core._validate import tensor_nbytes
 from passes.core._walk import tensor_map
 
@@ -68,6 +68,7 @@ def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
     out.input.extend(exporter.export_value_info_proto(t, False) for t in graph.inputs)
     out.output.extend(exporter.export_value_info_proto(t, False) for t in graph.outputs)
     io_names = {t.name for t in (*graph.inputs, *graph.outputs)}
+    typed: list[gs.Variable] = []
     for tensor in tensors.values():
         if isinstance(tensor, gs.Constant):
             if isinstance(tensor._values, SparseValues):
@@ -75,7 +76,8 @@ def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
             else:
                 out.initializer.add().CopyFrom(exporter.export_tensor_proto(tensor))
         elif tensor.name not in io_names and (tensor.dtype is not None or tensor.shape is not None):
-            out.value_info.append(exporter.export_value_info_proto(tensor, False))
+            typed.append(tensor)
+    out.MergeFromString(value_info_pieces(graph, typed))
     model = onnx.helper.make_model(
         out, functions=[exporter.export_function(f) for f in graph.functions],
         opset_imports=onnx_exporter.update_import_domains(graph),

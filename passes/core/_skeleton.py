@@ -22,6 +22,7 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from passes.core._opsets import DEFAULT_DOMAINS
 from passes.core._validate import proto_size
+from passes.core._walk import has_subgraph
 
 #: constants larger than this are handed to inference and the checker as typed inputs, without their bytes.
 #: Inference reads values only where they decide a shape (Reshape targets, Slice starts, Range limits: a
@@ -36,8 +37,9 @@ _PLAIN = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.
 #: a cached node: its key (see `_node_key`), the node, its NodeProto, once encoded its serialized piece, and
 #: its attribute values, held so that no id in the key can be reused by a new object while the entry lives
 _Entry = tuple[tuple[object, ...], gs.Node, onnx.NodeProto, "bytes | None", list[object]]
-#: per graph: node id -> entry; constant id -> (constant, values object, name, piece)
-_Cache = tuple[dict[int, _Entry], dict[int, tuple[object, ...]]]
+#: per graph: node id -> entry; constant id -> (constant, values object, name, piece); variable id ->
+#: (variable, name, dtype, shape, type, value_info piece)
+_Cache = tuple[dict[int, _Entry], dict[int, tuple[object, ...]], dict[int, tuple[object, ...]]]
 # GraphProto and ModelProto field numbers
 _NODE, _INITIALIZER, _INPUT, _OUTPUT, _VALUE_INFO, _GRAPH = 1, 5, 11, 12, 13, 7
 
@@ -105,6 +107,24 @@ def _walk_nodes(graph: gs.Graph, cache: _Cache,
     return pieces
 
 
+def value_info_pieces(graph: gs.Graph, tensors: Iterable[gs.Variable]) -> bytes:
+    """The tensors as serialized GraphProto `value_info` fields, each re-encoded only when its name, dtype,
+    shape or type changed (an export writes one per typed tensor: thousands in a dynamo export)."""
+    variables = _protos(graph)[2]
+    pieces = []
+    for tensor in tensors:
+        fields = tensor.__dict__
+        name, dtype, shape, kind = fields.get("name"), fields.get("dtype"), fields.get("shape"), fields.get("type")
+        entry = variables.get(id(tensor))
+        if (entry is None or entry[0] is not tensor or entry[1] != name or entry[2] is not dtype
+                or entry[3] != shape or entry[4] != kind):
+            info = OnnxExporter.export_value_info_proto(tensor, False)
+            entry = variables[id(tensor)] = (tensor, name, dtype, list(shape) if shape is not None else None, kind,
+                                             _field(_VALUE_INFO, info.SerializeToString()))
+        pieces.append(entry[5])
+    return b"".join(pieces)
+
+
 def check_graph(graph: gs.Graph) -> None:
     """Run the ONNX checker on the graph's skeleton (large constants as typed inputs, so no weight
     is copied): node, attribute, type and ordering rules; raises `onnx.checker.ValidationError`."""
@@ -123,7 +143,7 @@ def import_skeleton(graph: gs.Graph, model: onnx.ModelProto) -> bytes:
         piece = _field(_NODE, proto.SerializeToString())
         pieces.append(piece)
         node = graph.nodes[index] if nodes is not None else None
-        if node is not None and node.op == proto.op_type and not _has_subgraph(node):
+        if node is not None and node.op == proto.op_type and not has_subgraph(node):
             nodes[id(node)] = (_node_key(node), node, proto, piece, [*node.attrs.values()])
     for number, values in ((_INPUT, source.input), (_OUTPUT, source.output), (_VALUE_INFO, source.value_info)):
         pieces.extend(_field(number, value.SerializeToString()) for value in values)
@@ -139,7 +159,7 @@ def import_skeleton(graph: gs.Graph, model: onnx.ModelProto) -> bytes:
 def _protos(graph: gs.Graph) -> _Cache:
     cache = graph.__dict__.get(_CACHE)
     if cache is None:
-        cache = graph.__dict__[_CACHE] = ({}, {})
+        cache = graph.__dict__[_CACHE] = ({}, {}, {})
     return cache
 
 
@@ -152,7 +172,7 @@ def _node_entry(node: gs.Node, nodes: dict[int, _Entry]) -> _Entry:
     if entry is not None and entry[1] is node and entry[0] == key:
         return entry
     entry = (key, node, OnnxExporter.export_node(node), None, [*node.attrs.values()])
-    if not _has_subgraph(node):
+    if not has_subgraph(node):
         nodes[id(node)] = entry
     return entry
 
@@ -197,15 +217,6 @@ def _node_key(node: gs.Node) -> tuple[object, ...]:
     attrs = node.attrs  # (graph_skeleton inlines this)
     return (node.op, node.domain, node.name, [t.name for t in node.inputs], [t.name for t in node.outputs],
             [*attrs], [*map(id, attrs.values())])
-
-
-def _has_subgraph(node: gs.Node) -> bool:
-    for value in node.attrs.values():
-        if isinstance(value, gs.Graph):
-            return True
-        if isinstance(value, (list, tuple)) and any(isinstance(v, gs.Graph) for v in value):
-            return True
-    return False
 
 
 def _field(number: int, payload: bytes) -> bytes:

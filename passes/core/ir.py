@@ -22,7 +22,7 @@ from passes.core._validate import densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
     INLINE_BYTES, check_graph, graph_skeleton, import_skeleton, model_skeleton,
 )
-from passes.core._walk import tensor_map  # noqa: F401 (ditto)
+from passes.core._walk import has_subgraph, tensor_map  # noqa: F401 (ditto)
 from passes.core._fingerprint import fingerprint, node_count, node_identity  # noqa: F401 (part of ir's surface)
 from passes.core._opsets import DEFAULT_DOMAINS, opset_version, set_opset_version  # noqa: F401 (ditto)
 
@@ -160,6 +160,8 @@ def subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
 
 def outer_scope_inputs(node: gs.Node) -> list[gs.Tensor]:
     """Tensors of enclosing graphs that a node's subgraphs read (implicit inputs)."""
+    if not has_subgraph(node):
+        return []
     found: dict[int, gs.Tensor] = {}
     for sub in subgraphs(node):
         local: set[int] = {id(t) for t in sub.inputs}

@@ -121,7 +121,7 @@ def _sample_key(values: np.ndarray) -> tuple[object, ...]:
 
 def _node_key(node: gs.Node) -> tuple[object, ...] | None:
     """A hashable identity of what the node computes, or None when it must not be merged."""
-    if node.op in NONDETERMINISTIC or not node.outputs or _has_subgraph(node):
+    if node.op in NONDETERMINISTIC or not node.outputs or ir.has_subgraph(node):
         return None
     try:
         attrs = tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items()))
@@ -129,11 +129,6 @@ def _node_key(node: gs.Node) -> tuple[object, ...] | None:
         return None
     inputs = tuple(id(t) if t.name or not isinstance(t, gs.Variable) else None for t in node.inputs)
     return (node.domain or "", node.op, inputs, len(node.outputs), attrs)
-
-
-def _has_subgraph(node: gs.Node) -> bool:
-    return any(isinstance(v, gs.Graph) or isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v)
-               for v in node.attrs.values())
 
 
 def _attr_key(value: object) -> object:

@@ -74,3 +74,20 @@ def test_a_skeleton_inlines_small_constants_and_types_large_ones() -> None:
     assert [i.name for i in skeleton.graph.input] == ["x", "large"]
     assert [d.dim_value for d in skeleton.graph.input[1].type.tensor_type.shape.dim] == [2, 2048]
     onnx.checker.check_model(skeleton)
+
+
+def test_value_info_follows_a_tensor_s_type_and_shape() -> None:
+    graph = ir.import_graph(_model())
+    tensor = _node(graph, "transpose").outputs[0]
+
+    def exported() -> onnx.ValueInfoProto:
+        return next(v for v in ir.export_model(graph).graph.value_info if v.name == tensor.name)
+
+    assert [d.dim_value for d in exported().type.tensor_type.shape.dim] == [3, 2]
+    tensor.shape[0] = 5  # in place: the cache keeps a copy, so it sees this
+    assert [d.dim_value for d in exported().type.tensor_type.shape.dim] == [5, 2]
+    tensor.shape = ["n", 2]
+    tensor.dtype = np.float16
+    info = exported()
+    assert info.type.tensor_type.shape.dim[0].dim_param == "n"
+    assert info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16

@@ -171,14 +171,14 @@ def _synchronized(parent: object, field_name: str, items: list[Any]) -> Synchron
 
 def new_constant(name: str, values: np.ndarray | LazyValues) -> gs.Constant:
     """`gs.Constant(name, values)`, its fields set directly (folding makes thousands)."""
-    tensor = gs.Constant.__new__(gs.Constant)
-    fields = tensor.__dict__
-    fields["name"] = name
-    fields["inputs"] = _synchronized(tensor, "outputs", [])
-    fields["outputs"] = _synchronized(tensor, "inputs", [])
-    fields["_values"] = values
-    fields["data_location"] = None
-    fields["_export_dtype"] = None
+    return _new_tensor(gs.Constant, name, {"_values": values, "data_location": None, "_export_dtype": None})
+
+
+def _new_tensor(kind: type[Any], name: str, fields: dict[str, Any]) -> Any:
+    """A graphsurgeon tensor of class `kind` with no users yet, its fields set without the constructor."""
+    tensor = kind.__new__(kind)
+    tensor.__dict__.update(name=name, inputs=_synchronized(tensor, "outputs", []),
+                           outputs=_synchronized(tensor, "inputs", []), **fields)
     return tensor
 
 
@@ -219,15 +219,7 @@ def _import_tensor(stock: Any) -> Any:
 
 def _variable(name: str) -> gs.Variable:
     """`gs.Variable(name)`, its fields set directly."""
-    tensor = gs.Variable.__new__(gs.Variable)
-    fields = tensor.__dict__
-    fields["name"] = name
-    fields["inputs"] = _synchronized(tensor, "outputs", [])
-    fields["outputs"] = _synchronized(tensor, "inputs", [])
-    fields["dtype"] = None
-    fields["shape"] = None
-    fields["type"] = "tensor_type"
-    return tensor
+    return _new_tensor(gs.Variable, name, {"dtype": None, "shape": None, "type": "tensor_type"})
 
 
 def _import_node(onnx_node: onnx.NodeProto, tensor_map: Any, subgraph_tensor_map: Any, opset: Any,

@@ -125,6 +125,9 @@ class Schedule(_Section):
     gemv: KernelTiles
     #: CPU (llvm) targets: the float matmul register tile and the vector width of the default schedules
     float_gemm: KernelTiles | None = None
+    #: CPU targets: the float matmul tile for a single row tile (decode, M <= float_gemm.tile_m), where B is
+    #: streamed once: wide column panels keep each K row's read long and contiguous (float_gemm if unset)
+    float_gemv: KernelTiles | None = None
     source: Source
 
 

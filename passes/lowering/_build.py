@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ class BuiltModel:
     lowered: LoweredModel
     executable: Any  # tvm.relax.VMExecutable
     seconds: float = 0.0
+    #: the Relax VM `run_host` made for this build, kept for the next call (making one per call cost
+    #: more than a small decode-shaped kernel)
+    _machines: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def target_name(self) -> str:
@@ -130,8 +133,10 @@ def run_host(built: BuiltModel, feeds: Mapping[str, np.ndarray]) -> dict[str, np
     if unknown:
         raise LoweringError(f"feeds name unknown inputs {unknown}; the model's inputs are "
                             f"{[spec.name for spec in built.lowered.inputs]}")
-    host_threads()
-    machine = relax.VirtualMachine(built.executable, tvm.cpu())
+    machine = built._machines.get("host")
+    if machine is None:
+        host_threads()
+        machine = built._machines["host"] = relax.VirtualMachine(built.executable, tvm.cpu())
     try:
         result = machine["main"](*arguments)
     except Exception as err:

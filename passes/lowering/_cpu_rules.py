@@ -11,8 +11,8 @@ TVM 0.27's CPU pipeline schedules nothing by itself: every kernel it legalizes i
                  block's spatial loops fused and spread over the threads; a block without a reduction is
                  also vectorised along its innermost elements
 
-Tile sizes and the vector width come from the target description (`schedule.float_gemm`), never from
-code. Every schedule is exact in integer arithmetic and reassociates float sums only by K-tiling (the
+Tile sizes and the vector width come from the target description (`schedule.float_gemm`, and
+`schedule.float_gemv` for a matmul whose rows fit one row tile: decode), never from code. Every schedule is exact in integer arithmetic and reassociates float sums only by K-tiling (the
 host check's float tolerance covers it). Kernels already scheduled (the dispatched INT8 kernels) are left
 alone by dlight.
 """
@@ -54,10 +54,12 @@ def _static(extent: Any) -> int | None:
 
 class CpuMatmul(dl.ScheduleRule):
     """Register-tiled matmul for llvm targets (see the module docstring); tiles from `tiles`
-    (a `KernelTiles`: tile_m, tile_n, tile_k, vector_width)."""
+    (a `KernelTiles`: tile_m, tile_n, tile_k, vector_width), and from `gemv_tiles` (when given) for a
+    matmul whose rows fit one row tile (decode)."""
 
-    def __init__(self, tiles: Any) -> None:
+    def __init__(self, tiles: Any, gemv_tiles: Any = None) -> None:
         self.tiles = tiles
+        self.gemv_tiles = gemv_tiles or tiles
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
@@ -82,9 +84,10 @@ class CpuMatmul(dl.ScheduleRule):
             return None  # a reduction, but not A[.., i, k] * B[.., k, j] (a mean, a sum, a GEMV over rows)
         *batch, i, j, k = loops
         rows, cols, depth = extents[-3], extents[-2], extents[-1]
+        tiles = self.gemv_tiles if rows <= self.tiles.tile_m else self.tiles
         tile_m = fitting(rows, self.tiles.tile_m)
-        tile_n = vector_tile(cols, self.tiles.tile_n, self.tiles.vector_width)
-        tile_k = fitting(depth, self.tiles.tile_k)
+        tile_n = vector_tile(cols, tiles.tile_n, tiles.vector_width)
+        tile_k = fitting(depth, tiles.tile_k)
         if rows <= tile_m:
             weight = None  # one row tile (decode): each B element is read once, a packed copy would double it
         i_o, i_i = sch.split(i, [None, tile_m])
@@ -101,7 +104,7 @@ class CpuMatmul(dl.ScheduleRule):
             innermost = sch.get_loops(packed)[-1]
             if (_static(sch.get(innermost).extent) or 1) > 1:
                 sch.vectorize(innermost)
-        vector = fitting(tile_n, self.tiles.vector_width)
+        vector = fitting(tile_n, tiles.vector_width)
         j_v, j_l = sch.split(j_i, [None, vector])
         sch.vectorize(j_l)
         sch.unroll(i_i)
@@ -110,7 +113,7 @@ class CpuMatmul(dl.ScheduleRule):
         written = sch.get_loops(accumulator)
         inner = _static(sch.get(written[-1]).extent)
         if inner is not None and inner > 1:
-            sch.vectorize(sch.split(written[-1], [None, fitting(inner, self.tiles.vector_width)])[1])
+            sch.vectorize(sch.split(written[-1], [None, fitting(inner, tiles.vector_width)])[1])
         for block in sch.get_child_blocks(get_root_block(sch)):
             if sch.get(block).name_hint not in (sch.get(main).name_hint, sch.get(accumulator).name_hint) \
                     and not sch.get(block).name_hint.endswith("_init"):

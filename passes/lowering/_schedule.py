@@ -81,12 +81,14 @@ def _schedule_cpu(module: tvm.IRModule, target: Any, tvm_target: tvm.target.Targ
 
 
 def cpu_rules(target: Any) -> list[dl.ScheduleRule]:
-    """The default CPU schedules (`_cpu_rules`), configured from the target's `schedule.float_gemm`;
+    """The default CPU schedules (`_cpu_rules`), configured from the target's `schedule.float_gemm` (and
+    `float_gemv` for single-row-tile matmuls);
     none for a description that states no float tile (its kernels stay TVM's unscheduled loops)."""
-    tiles = getattr(getattr(target, "schedule", None), "float_gemm", None)
+    schedule = getattr(target, "schedule", None)
+    tiles = getattr(schedule, "float_gemm", None)
     if tiles is None:
         return []
-    return [CpuMatmul(tiles), CpuLoops(tiles.vector_width)]
+    return [CpuMatmul(tiles, getattr(schedule, "float_gemv", None)), CpuLoops(tiles.vector_width)]
 
 
 def gpu_rules(target: Any, tvm_target: tvm.target.Target) -> list[dl.ScheduleRule]:

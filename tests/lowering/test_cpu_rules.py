@@ -1,5 +1,5 @@
 """Default CPU schedules (`passes.lowering._cpu_rules`): every kernel class of an llvm build is scheduled
-from the target description's `schedule.float_gemm`, stays exact (float32: K-tiling reassociates sums,
+from the target description's `schedule.float_gemm` (`float_gemv` for decode), stays exact (float32: K-tiling reassociates sums,
 rtol 1e-4 / atol 1e-4 x max |C|, seeded inputs), and the ARM build uses NEON vector FMA."""
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def test_tiles_come_from_the_target_description() -> None:
     # 5472 has no 64-column divisor that is whole vectors; 48 is: 3 vectors of vector_width, tile_m rows
     assert loops[-3:] == [host.tile_m, 48 // host.vector_width, host.vector_width]
     assert host.tile_k in loops  # 1024 steps of tile_k
+
+
+def test_a_decode_matmul_takes_the_gemv_tiles() -> None:
+    # one row (M = 1): 512-column panels streamed once, from schedule.float_gemv
+    sch, _, _ = _scheduled(_matmul(1, 1, 1024, 4096, False))
+    loops = [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("C_update"))]
+    gemv = target("host").schedule.float_gemv
+    assert gemv is not None and gemv.tile_n != target("host").schedule.float_gemm.tile_n
+    assert loops[-2:] == [gemv.tile_n // gemv.vector_width, gemv.vector_width]
+    assert loops[0] == 4096 // gemv.tile_n and gemv.tile_k in loops
 
 
 def test_a_reduction_that_is_not_a_matmul_is_left_to_the_loop_rule() -> None:

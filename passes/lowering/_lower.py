@@ -66,10 +66,22 @@ def lower(model: onnx.ModelProto, target: Any, tuning: Any = None) -> LoweredMod
         return _lower(model, target, tuning)
 
 
+def _packed_for_decode(model: onnx.ModelProto, target: Any) -> onnx.ModelProto:
+    """CPU targets with a decode tile: one-row float matmuls get their weights packed into contiguous
+    panels of `schedule.float_gemv.tile_n` columns (`pack-matmul-weights`), which the default matmul
+    schedule then streams whole."""
+    gemv = getattr(getattr(target, "schedule", None), "float_gemv", None)
+    if target.backend != "llvm" or gemv is None:
+        return model
+    from passes.transforms.pack_matmul_weights import PackMatmulWeights
+
+    return PackMatmulWeights(panel=gemv.tile_n)(model).model  # type: ignore[return-value]
+
+
 def _lower(model: onnx.ModelProto, target: Any, tuning: Any) -> LoweredModel:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    imported = import_onnx(model)
+    imported = import_onnx(_packed_for_decode(model, target))
     seconds["import"] = time.perf_counter() - started
     tvm_target = _tvm_target(target)
     module = imported.module

@@ -13,10 +13,10 @@
   serialisation: a constant past protobuf's 2 GiB limit fails with `EncodeError`. `export_onnx` exports
   the top-level graph itself and copies initializers in with CopyFrom, which has no limit.
 
-- speed: graphsurgeon's `import_node` builds each Node and Variable through constructors whose
-  `__setattr__` hooks and list syncing cost ~25 us a node (a third of a 6,500-node pipeline run).
-  `_import_node` (and `import_tensor`, for constants) does the same work with the objects' fields set directly; `tests/core/test_gs_compat.py`
-  holds it equal to graphsurgeon's own on the node suite and real exports.
+- speed: graphsurgeon's `import_node` and `import_tensor` build each Node, Variable and Constant through
+  constructors whose `__setattr__` hooks and list syncing cost ~25 us a node (a third of a 6,500-node
+  pipeline run). `_import_node` and `_import_tensor` do the same work with the objects' fields set
+  directly; `tests/core/test_gs_compat.py` holds them equal to graphsurgeon's own on the node suite.
 
 graphsurgeon's own warnings (printed to stdout: "Model does not contain ONNX domain opset information",
 "colored module is not installed", skipped attributes) are raised to errors only: they are not the user's

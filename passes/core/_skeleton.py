@@ -46,16 +46,7 @@ _NODE, _INITIALIZER, _INPUT, _OUTPUT, _VALUE_INFO, _GRAPH = 1, 5, 11, 12, 13, 7
 
 def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without large initializer bytes: those become typed graph inputs."""
-    skeleton = _empty_like(model.ir_version, model.opset_import, model.functions, model.graph.name)
-    graph = skeleton.graph
-    for field in ("node", "input", "output", "value_info"):
-        getattr(graph, field).extend(getattr(model.graph, field))
-    for init in model.graph.initializer:
-        if proto_size(init) > INLINE_BYTES:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        else:
-            graph.initializer.append(init)
-    return skeleton
+    return onnx.ModelProto.FromString(_model_skeleton(model, None))
 
 
 def graph_skeleton(graph: gs.Graph) -> bytes:
@@ -132,13 +123,17 @@ def check_graph(graph: gs.Graph) -> None:
 
 
 def import_skeleton(graph: gs.Graph, model: onnx.ModelProto) -> bytes:
-    """The serialized skeleton of `model` (its value_info and functions kept, for inference at import),
-    built from pieces that also seed the cache of `graph`, the model just imported: the model's own
+    """The serialized `model_skeleton` of `model`, the model `graph` was just imported from (value_info and
+    functions kept, for inference at import); its pieces seed the cache of `graph`: the model's own
     NodeProtos serve later skeletons and exports while the nodes stay unchanged."""
+    return _model_skeleton(model, graph)
+
+
+def _model_skeleton(model: onnx.ModelProto, graph: gs.Graph | None) -> bytes:
     header = _empty_like(model.ir_version, model.opset_import, model.functions, "")
     source = model.graph
     pieces = [onnx.GraphProto(name=source.name).SerializeToString()]
-    nodes = _protos(graph)[0] if len(graph.nodes) == len(source.node) else None
+    nodes = _protos(graph)[0] if graph is not None and len(graph.nodes) == len(source.node) else None
     for index, proto in enumerate(source.node):
         piece = _field(_NODE, proto.SerializeToString())
         pieces.append(piece)

@@ -235,7 +235,6 @@ def graph_output_ids(graph: gs.Graph) -> set[int]:
     return {id(t) for t in graph.outputs}
 
 
-
 def refresh_shapes(graph: gs.Graph) -> int:
     """Re-run ONNX shape inference (with data propagation) and write the results into the graph.
 

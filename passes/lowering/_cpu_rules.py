@@ -12,8 +12,9 @@ TVM 0.27's CPU pipeline schedules nothing by itself: every kernel it legalizes i
                  also vectorised along its innermost elements
 
 Tile sizes and the vector width come from the target description (`schedule.float_gemm`, and
-`schedule.float_gemv` for a matmul whose rows fit one row tile: decode), never from code. Every schedule is exact in integer arithmetic and reassociates float sums only by K-tiling (the
-host check's float tolerance covers it). Kernels already scheduled (the dispatched INT8 kernels) are left
+`schedule.float_gemv` for a matmul whose rows fit one row tile: decode), never from code. Every schedule
+is exact in integer arithmetic and reassociates float sums only by K-tiling (the host check's float
+tolerance covers it). Kernels already scheduled (the dispatched INT8 kernels) are left
 alone by dlight.
 """
 
@@ -84,12 +85,13 @@ class CpuMatmul(dl.ScheduleRule):
             return None  # a reduction, but not A[.., i, k] * B[.., k, j] (a mean, a sum, a GEMV over rows)
         *batch, i, j, k = loops
         rows, cols, depth = extents[-3], extents[-2], extents[-1]
-        tiles = self.gemv_tiles if rows <= self.tiles.tile_m else self.tiles
+        one_row_tile = rows <= self.tiles.tile_m  # decode
+        tiles = self.gemv_tiles if one_row_tile else self.tiles
         tile_m = fitting(rows, self.tiles.tile_m)
         tile_n = vector_tile(cols, tiles.tile_n, tiles.vector_width)
         tile_k = fitting(depth, tiles.tile_k)
-        if rows <= tile_m:
-            weight = None  # one row tile (decode): each B element is read once, a packed copy would double it
+        if one_row_tile:
+            weight = None  # each B element is read once: a packed copy would double the reads
         i_o, i_i = sch.split(i, [None, tile_m])
         j_o, j_i = sch.split(j, [None, tile_n])
         k_o, k_i = sch.split(k, [None, tile_k])

@@ -13,6 +13,7 @@ import onnx
 import tvm
 from tvm import tirx
 
+from passes.core import ir
 from passes.lowering._dispatch import Dispatched, dispatch_int8_matmuls, kernel_families
 from passes.lowering._quiet import native_stderr_to_log
 from passes.lowering._errors import LoweringError, last_line
@@ -75,7 +76,9 @@ def _packed_for_decode(model: onnx.ModelProto, target: Any) -> onnx.ModelProto:
         return model
     from passes.transforms.pack_matmul_weights import PackMatmulWeights
 
-    return PackMatmulWeights(panel=gemv.tile_n)(model).model  # type: ignore[return-value]
+    graph = ir.import_graph(model)
+    result, _ = PackMatmulWeights(panel=gemv.tile_n).run_checked(graph)
+    return ir.export_model(graph) if result.modified else model  # unchanged: no export, no weight copy
 
 
 def _lower(model: onnx.ModelProto, target: Any, tuning: Any) -> LoweredModel:

@@ -136,6 +136,9 @@ class Defaults(_Section):
 
     batch: Count = 1
     sequence: Count = 128
+    #: a generator's KV-cache slots (the longest prompt + reply) and its prefill chunk
+    context: Count = 1024
+    prefill_chunk: Count = 64
 
 
 class TargetDescription(_Section):

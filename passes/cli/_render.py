@@ -328,7 +328,7 @@ def run_report(report: RunReport) -> None:
     if report.tuning is not None:
         console.print(f"tuned schedules from {report.tuning['session']}: {report.tuning['kernels_tuned']} of "
                       f"{report.tuning['kernels']} kernels")
-    if report.host_check is not None:
+    if report.host_check is not None and report.generator is None:  # a generator's: `_render_generate`
         check = report.host_check
         worst = max((o["max_abs_error"] for o in check["outputs"]), default=0.0)
         if check.get("criterion") == "allclose":
@@ -356,3 +356,4 @@ def _run_ops_table(report: RunReport) -> None:
     for op in ops[:16]:
         table.add_row(op, str(report.ops_before.get(op, 0)), str(report.ops_after.get(op, 0)))
     console.print(table)
+

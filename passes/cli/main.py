@@ -107,13 +107,17 @@ def opt(
 @quality_options
 @click.option("--tuning", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Build with the best schedules of a `passes tune` session folder.")
+@click.option("--context", type=click.IntRange(min=1), default=None, metavar="N",
+              help="KV-cache exports: cache slots (prompt + reply); default: the target's defaults.context.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None, metavar="N",
+              help="KV-cache exports: prompt tokens per prefill call; default: the target's defaults.prefill_chunk.")
 @_feed_budget_option
 @_json_option
 @_debug_option
 def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipeline: str | None,
         quantize: str, calibration: Path | None, tokenizer: Path | None, text: Path | None, smooth: float,
         min_layer_sqnr: float, max_ppl_increase: float | None, min_sqnr: float | None, tuning: Path | None,
-        as_json: bool) -> None:
+        context: int | None, prefill_chunk: int | None, as_json: bool) -> None:
     """Rewrite MODEL for a target, quantize, lower it through TVM, build, write artifacts and a report."""
     from passes.cli import _render, _status
     from passes.deploy.run import run_for_target
@@ -123,11 +127,49 @@ def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipe
                                 max_ppl_increase, min_sqnr)
     with _status.status(enabled=not as_json) as shown:
         report = run_for_target(model, target_spec, output, input_shapes=_parse_shapes(shapes), pipeline=pipeline,
-                                tuning=tuning, settings=settings, instruments=[shown.instrument], on_stage=shown.stage)
+                                tuning=tuning, settings=settings, instruments=[shown.instrument], on_stage=shown.stage,
+                                context=context, prefill_chunk=prefill_chunk)
     if as_json:
         _print_json(report.to_dict())
     else:
         _render.run_report(report)
+        if report.generator is not None:
+            from passes.cli._render_generate import generator_lines
+
+            generator_lines(report)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--prompt-ids", default=None, metavar="1,2,3", help="The prompt as token ids, comma-separated.")
+@click.option("--prompt", default=None, metavar="TEXT", help="The prompt as text (needs --tokenizer).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="A tokenizer.json, or the folder holding it (for --prompt, and to print the reply).")
+@click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--no-compare", is_flag=True, help="Skip onnxruntime's run of the same graph (tokens and speed).")
+@_json_option
+@_debug_option
+def generate(folder: Path, prompt_ids: str | None, prompt: str | None, tokenizer: Path | None, max_new_tokens: int,
+             no_compare: bool, as_json: bool) -> None:
+    """Generate greedy tokens with a host generator build (FOLDER = `passes run` output for a KV-cache export)."""
+    from passes.cli import _render_generate, _status
+    from passes.deploy.generate import GenerateError, generate_tokens
+
+    ids = None
+    if prompt_ids is not None:
+        try:
+            ids = [int(part) for part in prompt_ids.split(",") if part.strip()]
+        except ValueError:
+            raise GenerateError(f"--prompt-ids takes comma-separated integers, got {prompt_ids!r}") from None
+    with _status.status(enabled=not as_json) as shown:
+        shown.stage(f"generating {max_new_tokens} tokens (and onnxruntime's, to compare)" if not no_compare
+                    else f"generating {max_new_tokens} tokens")
+        report = generate_tokens(folder, prompt_ids=ids, prompt=prompt, tokenizer=tokenizer,
+                                 max_new_tokens=max_new_tokens, compare=not no_compare)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _render_generate.generate_report(report)
 
 
 @cli.command()
@@ -298,17 +340,22 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--heads", type=int, default=4, show_default=True)
 @click.option("--vocab", type=int, default=256, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--kv-heads", type=int, default=None, help="Key/value heads, a divisor of --heads (tiny-llama; default: --heads).")
+@click.option("--kv-cache", is_flag=True, help="tiny-llama with attention_mask, position_ids and past/present keys and values.")
 @_debug_option
 def sample(
-    name: str, output: Path, idiom: str, layers: int, hidden: int, heads: int, vocab: int, seed: int
+    name: str, output: Path, idiom: str, layers: int, hidden: int, heads: int, vocab: int, seed: int,
+    kv_heads: int | None, kv_cache: bool,
 ) -> None:
     """Write a bundled sample model (built locally, random weights; no download)."""
     from passes.core.io import save_model
     from passes.samples import build_sample
 
-    model = build_sample(name, idiom=idiom, layers=layers, hidden=hidden, heads=heads, vocab=vocab, seed=seed)  # type: ignore[arg-type]
+    model = build_sample(name, idiom=idiom, layers=layers, hidden=hidden, heads=heads, vocab=vocab, seed=seed,  # type: ignore[arg-type]
+                         kv_cache=kv_cache, kv_heads=kv_heads)
     save_model(model, output)
-    click.echo(f"wrote {output} ({name}, {idiom}, {layers} layers, {len(model.graph.node)} nodes)")
+    cached = ", kv cache" if kv_cache else ""
+    click.echo(f"wrote {output} ({name}, {idiom}, {layers} layers{cached}, {len(model.graph.node)} nodes)")
 
 
 @cli.group(invoke_without_command=True)

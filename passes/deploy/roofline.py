@@ -44,6 +44,8 @@ class Roofline:
     prefill_peak: str | None
     prefill_tokens_per_s: float | None
     notes: list[str] = field(default_factory=list)
+    #: a generator's KV cache read per decoded token (the whole cache at its capacity), included above
+    kv_cache_bytes_per_token: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,11 +109,13 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
-def estimate(model: onnx.ModelProto, target: Any, *, tokens: int) -> Roofline:
-    """Bounds for `model` (shapes frozen, `tokens` tokens per inference) on `target`."""
+def estimate(model: onnx.ModelProto, target: Any, *, tokens: int, kv_cache_bytes: int = 0) -> Roofline:
+    """Bounds for `model` (shapes frozen, `tokens` tokens per inference) on `target`; a generator's decode
+    also reads its KV cache, `kv_cache_bytes` per token (the cache at the context length)."""
     traffic = weight_traffic(model)
     bandwidth = target.memory.bandwidth_gbps
-    per_token = {name: int(np.ceil(traffic.read_per_token * size)) for name, size in PRECISION_BYTES.items()}
+    per_token = {name: int(np.ceil(traffic.read_per_token * size)) + kv_cache_bytes
+                 for name, size in PRECISION_BYTES.items()}
     decode = {name: (bandwidth * 1e9 / b if bandwidth and b else None) for name, b in per_token.items()}
     ops = matmul_ops_per_token(model, tokens)
     compute = target.compute
@@ -130,4 +134,6 @@ def estimate(model: onnx.ModelProto, target: Any, *, tokens: int) -> Roofline:
     if traffic.embedding_rows_only:
         notes.append(f"embedding tables read one row per token: {', '.join(traffic.embedding_rows_only)}")
     prefill = peak / ops if peak and ops else None
-    return Roofline(bandwidth, per_token, decode, ops, peak_name, prefill, notes)
+    if kv_cache_bytes:
+        notes.append(f"decode reads the KV cache too: {kv_cache_bytes / 1e6:.1f} MB per token at the full context")
+    return Roofline(bandwidth, per_token, decode, ops, peak_name, prefill, notes, kv_cache_bytes)

@@ -70,6 +70,7 @@ class RunReport:
     tuning: dict[str, Any] | None = None
     dispatched: dict[str, Any] = field(default_factory=dict)  # kernel family -> int8 matmuls and kernels
     notes: list[str] = field(default_factory=list)
+    generator: dict[str, Any] | None = None  # a KV-cache export's phases, cache and weight files
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,17 +89,29 @@ def run_for_target(
     settings: QuantizeSettings | None = None,
     instruments: Sequence[Instrument] = (),
     on_stage: Callable[[str], None] | None = None,
+    context: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> RunReport:
     """Load, rewrite, quantize, lower, build and write artifacts for one target; return the report.
     `tuning` is a `passes tune` session folder whose best schedules the build uses; `settings` (smoothing,
     mixed precision, perplexity text, quality gates) replaces `quantize` and `calibration` when given.
-    `instruments` observe the pipeline and `on_stage` hears each stage's name as it starts (progress)."""
+    `instruments` observe the pipeline and `on_stage` hears each stage's name as it starts (progress).
+    A decoder export with a KV cache (past_key_values in, present out) builds a generator (`generator`):
+    prefill and decode over one weight set and a cache of `context` slots, prompts taken `prefill_chunk`
+    tokens at a time (both default to the target's `defaults`)."""
     from passes.targets import load_target
 
     target = load_target(target_spec)
     final_dir = Path(output_dir) / target.name.replace(":", "-")
     created = _check_output_dir(final_dir, Path(model_path))
     try:
+        if _is_kv_export(Path(model_path)):
+            return _run_generator(model_path, target, final_dir, pipeline, quantize, calibration, tuning, settings,
+                                  instruments=instruments, on_stage=on_stage or (lambda _: None), context=context,
+                                  prefill_chunk=prefill_chunk)
+        if context is not None or prefill_chunk is not None:
+            raise ModelSaveError(f"{model_path}: --context and --prefill-chunk apply to decoder exports with a KV cache "
+                                 "(past_key_values inputs); this model has none")
         return _run(model_path, target, final_dir, input_shapes, pipeline, quantize, calibration, tuning, settings,
                     instruments=instruments, on_stage=on_stage or (lambda _: None))
     except BaseException:  # a failed or interrupted run leaves no folder it made behind
@@ -134,6 +147,56 @@ def _run(model_path: str | os.PathLike[str], target: Any, final_dir: Path,
     try:
         _build_into(staging, optimized, target, report, shapes, tuning,
                     float_model=result.model if quantization is not None else None, on_stage=on_stage)
+        _replace_dir(staging, final_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _is_kv_export(path: Path) -> bool:
+    """Whether the model grows a KV cache (read without its external data; a file that does not load is
+    left for the full load to report)."""
+    from passes.deploy.generator import is_kv_export
+
+    try:
+        return is_kv_export(onnx.load_model(str(path), load_external_data=False))
+    except Exception:  # noqa: BLE001 (the full load says what is wrong with the file, in one line)
+        return False
+
+
+def _run_generator(model_path: str | os.PathLike[str], target: Any, final_dir: Path, pipeline: str | None,
+                   quantize: QuantizeChoice, calibration: Any, tuning: Any, settings: QuantizeSettings | None, *,
+                   instruments: Sequence[Instrument], on_stage: Callable[[str], None], context: int | None,
+                   prefill_chunk: int | None) -> RunReport:
+    from passes.core.io import load_model_with_info
+    from passes.deploy.generator import build_generator, generator_roofline, prepare_generator
+
+    if tuning is not None:
+        from passes.tuning import load_session
+
+        tuning = load_session(tuning)
+    on_stage(f"loading {model_path}")
+    loaded = load_model_with_info(model_path)
+    prepared = prepare_generator(loaded.model, target, context=context, prefill_chunk=prefill_chunk, pipeline=pipeline,
+                                 settings=settings or QuantizeSettings(quantize, calibration),
+                                 instruments=tuple(instruments), on_stage=on_stage)
+    result, decode = prepared["result"], prepared["phases"]["decode"]
+    summary = summarize(prepared["model"])
+    report = RunReport(
+        target=target.name, model=str(model_path), output_dir=str(final_dir), bound_dims=prepared["bound"],
+        pipeline_spec=pipeline or target.pipeline, pipeline=result.report.to_dict(), ops_before=result.report.ops_before,
+        ops_after=dict(ir.op_histogram(decode)), weight_bytes=summary.weight_bytes, parameters=summary.parameters,
+        roofline=generator_roofline(prepared, target), missing_ops=missing_ops(result.report.ops_before,
+                                                                               result.report.ops_after, target),
+        build_seconds=0.0, artifacts={}, quantization=prepared["quantization"],
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        build_generator(prepared, target, staging, report, tuning, on_stage=on_stage)
+        manifest = _manifest(prepared["model"], target, {name: staging / rel for name, rel in report.artifacts.items()})
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        report.artifacts |= {"manifest.json": "manifest.json", "report.json": "report.json"}
+        (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
         _replace_dir(staging, final_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

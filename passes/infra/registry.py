@@ -33,6 +33,7 @@ BUILTIN_PASSES: Mapping[str, str] = MappingProxyType(
         "freeze-shapes": "passes.transforms.freeze_shapes:FreezeShapes",
         "fold-transpose": "passes.transforms.fold_transpose:FoldTranspose",
         "pack-matmul-weights": "passes.transforms.pack_matmul_weights:PackMatmulWeights",
+        "static-kv-cache": "passes.transforms.static_kv_cache:StaticKvCache",
         "decompose-layer-norm": "passes.transforms.decompose_layer_norm:DecomposeLayerNorm",
         "decompose-rms-norm": "passes.transforms.decompose_rms_norm:DecomposeRmsNorm",
         "decompose-gelu": "passes.transforms.decompose_gelu:DecomposeGelu",

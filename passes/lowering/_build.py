@@ -104,11 +104,17 @@ def _relax_pipeline(tvm_target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def write_artifacts(built: BuiltModel, folder: Path) -> dict[str, Path]:
-    """Write `model.tar` (objects), `model.so` when the target is this machine, and one source file per
-    GPU kernel under `kernels/`; returns {relative path: path}. Earlier kernel files are replaced."""
+    """Write `model.tar` (objects), `model.so` when the target is this machine, one source file per GPU
+    kernel under `kernels/`, and `params/` (a TVM tensor cache) when the weights were lifted out of the
+    code; returns {relative path: path}. Earlier kernel files are replaced."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = {"model.tar": _export(built, folder / "model.tar")}
+    if built.lowered.weights:
+        from passes.lowering._params import write_params
+
+        for path in write_params(built.lowered.weights, folder / "params"):
+            written[str(path.relative_to(folder))] = path
     if built.runs_here:
         written["model.so"] = _export(built, folder / "model.so")
     suffix = built.kernel_suffix

@@ -155,6 +155,11 @@ class CpuLoops(dl.ScheduleRule):
         return sch
 
 
+def _writes_bool(sch: s_tir.Schedule, block: Any) -> bool:
+    """LLVM codegen cannot store a vector of bools (TVM widens them to int8 lanes): keep such blocks scalar."""
+    return any(str(getattr(region.source, "dtype", "")) == "bool" for region in sch.get(block).writes)
+
+
 def _spread(sch: s_tir.Schedule, block: Any, vector_width: int) -> None:
     """Fuse `block`'s leading spatial loops into one parallel loop; vectorise a block with no reduction."""
     loops = sch.get_loops(block)
@@ -176,7 +181,7 @@ def _spread(sch: s_tir.Schedule, block: Any, vector_width: int) -> None:
         for extent in extents:
             total *= extent
         lanes = fitting(total, vector_width)
-        if lanes > 1:
+        if lanes > 1 and not _writes_bool(sch, block):
             outer, inner = sch.split(flat, [None, lanes])
             sch.parallel(outer)
             sch.vectorize(inner)

@@ -17,6 +17,8 @@ from passes.core import ir
 from passes.lowering._dispatch import Dispatched, dispatch_int8_matmuls, kernel_families
 from passes.lowering._quiet import native_stderr_to_log
 from passes.lowering._errors import LoweringError, last_line
+from passes.lowering._kv_inplace import write_caches_in_place
+from passes.lowering._params import lift_weights
 from passes.lowering._relax import TensorSpec, import_onnx
 from passes.lowering._schedule import (
     legalize_and_fuse,
@@ -52,6 +54,12 @@ class LoweredModel:
     seconds: Mapping[str, float] = field(default_factory=dict)
     dispatched: Mapping[str, Dispatched] = field(default_factory=dict)
     tuned_kernels: tuple[str, ...] = ()
+    #: a generator's entry points: {function name: (inputs, outputs)}; empty for one-function models
+    entries: Mapping[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = field(default_factory=dict)
+    #: weights lifted out of the code (`_params.lift_weights`): every function takes them after its inputs
+    weights: Mapping[str, Any] = field(default_factory=dict)
+    #: KV-cache writes done in place (`_kv_inplace`)
+    cache_writes_in_place: int = 0
 
     @property
     def kernels(self) -> dict[str, tirx.PrimFunc]:
@@ -81,17 +89,46 @@ def _packed_for_decode(model: onnx.ModelProto, target: Any) -> onnx.ModelProto:
     return ir.export_model(graph) if result.modified else model  # unchanged: no export, no weight copy
 
 
-def _lower(model: onnx.ModelProto, target: Any, tuning: Any) -> LoweredModel:
+def lower_generator(phases: Mapping[str, onnx.ModelProto], target: Any, tuning: Any = None) -> LoweredModel:
+    """Lower the shape-frozen graphs of a generator's phases (e.g. {"prefill": .., "decode": ..}, made by
+    `static-kv-cache` and shape freezing) into one module with one Relax function per phase; KV-cache
+    writes on cache parameters happen in place, and the weights are lifted out of the code (one set,
+    shared by every phase: `LoweredModel.weights`). Raises `LoweringError`."""
+    if not phases:
+        raise LoweringError("a generator needs at least one phase")
+    with native_stderr_to_log():
+        return _lower(dict(phases), target, tuning, generator=True)
+
+
+def _import_phases(phases: Mapping[str, onnx.ModelProto], target: Any) -> tuple[tvm.IRModule, dict, Any]:
+    """Import each phase and gather their functions into one module, named after the phases."""
+    functions: dict[str, Any] = {}
+    entries = {}
+    imported = None
+    for name, model in phases.items():
+        imported = import_onnx(_packed_for_decode(model, target))
+        functions[name] = imported.module["main"].with_attr("global_symbol", name)
+        entries[name] = (imported.inputs, imported.outputs)
+    assert imported is not None
+    return tvm.IRModule(functions), entries, imported
+
+
+def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tuning: Any,
+           generator: bool = False) -> LoweredModel:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    imported = import_onnx(_packed_for_decode(model, target))
+    entries: dict = {}
+    if isinstance(model, dict):
+        module, entries, imported = _import_phases(model, target)
+    else:
+        imported = import_onnx(_packed_for_decode(model, target))
+        module = imported.module
     seconds["import"] = time.perf_counter() - started
     tvm_target = _tvm_target(target)
-    module = imported.module
     dispatch = dispatch_int8_matmuls(module, target, tvm_target)
     if wants_w8a16(target):
         dispatch = dispatch_w8a16_matmuls(dispatch, target)
-    module = dispatch.module
+    module, in_place = write_caches_in_place(dispatch.module, gpu=target.device == "gpu")
     started = time.perf_counter()
     try:
         fused = legalize_and_fuse(module, tvm_target)
@@ -112,10 +149,14 @@ def _lower(model: onnx.ModelProto, target: Any, tuning: Any) -> LoweredModel:
     except Exception as err:
         raise LoweringError(f"scheduling for target {target.name!r} failed: {last_line(err)}") from err
     seconds["schedule"] = time.perf_counter() - started
+    weights: dict[str, Any] = {}
+    if generator:
+        scheduled, weights = lift_weights(scheduled)
     logger.info("lowered for %s: %d kernels, %d int8 matmuls", target.name, len(references), imported.int8_matmuls)
     return LoweredModel(scheduled, references, target.name, target.backend, target.device, tvm_target,
                         imported.inputs, imported.outputs, imported.qlinear_matmuls_decomposed,
-                        imported.int8_matmuls, MappingProxyType(seconds), dispatch.dispatched, tuple(tuned))
+                        imported.int8_matmuls, MappingProxyType(seconds), dispatch.dispatched, tuple(tuned),
+                        MappingProxyType(entries), MappingProxyType(weights), in_place)
 
 
 def _tvm_target(target: Any) -> tvm.target.Target:

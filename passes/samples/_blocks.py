@@ -24,6 +24,7 @@ class SampleConfig:
     vocab: int
     intermediate: int
     seed: int
+    kv_heads: int  # key/value heads (grouped-query attention when fewer than `heads`)
 
     @property
     def head_dim(self) -> int:
@@ -72,11 +73,23 @@ def gelu_erf(b: GraphBuilder, x: str) -> str:
     return b.op("Mul", [y, b.const(0.5)])
 
 
-def project_heads(b: GraphBuilder, x: str, name: str, cfg: SampleConfig) -> str:
-    """Project [B, S, H] to one of Q/K/V and split heads: [B, heads, S, head_dim]."""
-    y = linear(b, x, name, cfg.hidden, cfg.hidden)
-    y = b.reshape(y, x, (0, 1), (cfg.heads, cfg.head_dim))
+def project_heads(b: GraphBuilder, x: str, name: str, cfg: SampleConfig, heads: int | None = None) -> str:
+    """Project [B, S, H] to one of Q/K/V and split heads: [B, heads, S, head_dim] (`heads`: cfg.heads)."""
+    heads = cfg.heads if heads is None else heads
+    y = linear(b, x, name, cfg.hidden, heads * cfg.head_dim)
+    y = b.reshape(y, x, (0, 1), (heads, cfg.head_dim))
     return b.op("Transpose", [y], perm=[0, 2, 1, 3])
+
+
+def repeat_kv(b: GraphBuilder, x: str, cfg: SampleConfig) -> str:
+    """HF `repeat_kv`: [B, kv_heads, S, D] -> [B, heads, S, D], each K/V head serving `heads // kv_heads`
+    query heads (`x[:, :, None].expand(B, kv, rep, S, D).reshape(B, heads, S, D)`); no nodes when rep == 1."""
+    rep = cfg.heads // cfg.kv_heads
+    if rep == 1:
+        return x
+    batch, length = b.dim_1d(x, 0), b.dim_1d(x, 2)
+    expanded = b.op("Expand", [b.unsqueeze(x, [2]), b.shape([batch, cfg.kv_heads, rep, length, cfg.head_dim])])
+    return b.op("Reshape", [expanded, b.shape([batch, cfg.heads, length, cfg.head_dim])])
 
 
 def merge_heads(b: GraphBuilder, context: str, source: str, cfg: SampleConfig) -> str:

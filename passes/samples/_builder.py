@@ -141,14 +141,30 @@ class GraphBuilder:
             return self.const([static_size // 2])
         return self.unsqueeze(self.op("Div", [self.dim(x, axis), self.const(2)]), [0])
 
+    def shape(self, parts: Sequence[str | int]) -> str:
+        """A run-time shape: `Concat` of [1]-shaped dims (tensor names) and static sizes (ints);
+        TorchScript makes one `Constant` per static size, dynamo one initializer per run of them."""
+        pieces: list[str] = []
+        run: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                run.append(part)
+                if self.style.constant_nodes:
+                    pieces.append(self.const(run))
+                    run = []
+                continue
+            if run:
+                pieces.append(self.const(run))
+                run = []
+            pieces.append(part)
+        if run:
+            pieces.append(self.const(run))
+        return self.op("Concat", pieces, axis=0)
+
     def reshape(self, x: str, source: str, leading_axes: Sequence[int], tail: Sequence[int]) -> str:
         """Reshape `x` to `source`'s leading dims followed by the static `tail` dims."""
-        parts = [self.dim_1d(source, axis) for axis in leading_axes]
-        if self.style.constant_nodes:
-            parts += [self.const([size]) for size in tail]
-        else:
-            parts.append(self.const(list(tail)))
-        return self.op("Reshape", [x, self.op("Concat", parts, axis=0)])
+        parts: list[str | int] = [self.dim_1d(source, axis) for axis in leading_axes]
+        return self.op("Reshape", [x, self.shape([*parts, *tail])])
 
     def reduce_mean(self, x: str, axes: Sequence[int]) -> str:
         if self.style.reduce_axes_input:

@@ -1,0 +1,225 @@
+"""`passes run` on a decoder export with a KV cache: build a generator, not one forward pass.
+
+    kv graph --static-kv-cache{capacity}--> fixed-capacity cache written at cache_position
+             --target pipeline (dims dynamic), quantization (once: one weight set)-->  model.onnx
+             --freeze seq = prefill chunk / 1, target pipeline--> prefill, decode graphs
+             --lower_generator--> one module: prefill(), decode(), caches written in place,
+                                  weights lifted out of the code
+    artifacts: model.tar (+ model.so on the host): code only; params/: the weights once (TVM tensor
+               cache); generator.json: how to drive it; model.onnx: the static-cache graph (what
+               onnxruntime runs as the reference); manifest.json, report.json
+
+On the host the build is checked against onnxruntime running model.onnx with the same cache: a seeded
+prompt prefilled in chunks and a few decode steps, logits within a tolerance scaled to their magnitude.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from passes.core import ir
+from passes.core.errors import PassesError
+from passes.core.io import save_model
+from passes.deploy.roofline import estimate
+from passes.deploy.summary import summarize
+from passes.frontend.prepare import BoundDim, QuantizeSettings, _quantize
+from passes.infra.manager import Instrument, PassManager
+from passes.transforms.static_kv_cache import CACHE_POSITION, StaticKvCache, cache_pairs
+
+#: host check: logits of the build and onnxruntime agree within RTOL x max |reference logits| (+ ATOL)
+CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-4
+#: decode steps the host check runs after its prefill
+CHECK_DECODE_STEPS = 3
+
+
+class GeneratorError(PassesError):
+    """The KV-cache export cannot be made a generator (see the message)."""
+
+
+def is_kv_export(model: onnx.ModelProto) -> bool:
+    """True for a decoder export whose cache grows by Concat (past_key_values in, present out)."""
+    return bool(cache_pairs(ir.import_graph(model, infer_shapes=False)))
+
+
+def prepare_generator(model: onnx.ModelProto, target: Any, *, context: int | None, prefill_chunk: int | None,
+                      pipeline: str | None, settings: QuantizeSettings, instruments: tuple[Instrument, ...] = (),
+                      on_stage: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The static-cache graph (quantized as the target prefers) and its frozen prefill and decode graphs."""
+    capacity = context or target.defaults.context
+    chunk = min(prefill_chunk or target.defaults.prefill_chunk, capacity)
+    on_stage(f"making the KV cache static ({capacity} slots)")
+    kv_pass = StaticKvCache(capacity=capacity)
+    graph = ir.import_graph(model)
+    result, _ = kv_pass.run_checked(graph)
+    if not result.modified:
+        reason = result.refusals[0].reason if result.refusals else "no Concat(past, new) cache found"
+        raise GeneratorError(f"cannot build a generator: {reason}")
+    static = ir.export_model(graph)
+    on_stage("rewriting the graph")
+    canonical = PassManager(pipeline or target.pipeline, instruments=instruments).run(static)
+    shapes = {phase: phase_shapes(canonical.model, 1, size, capacity) for phase, size in
+              (("prefill", chunk), ("decode", 1))}
+    if settings.scheme != "none":
+        on_stage("quantizing (smoothing, calibration, SQNR)")
+    quantized, quantization = _quantize(canonical.model, target, settings, shapes["prefill"])
+    phases = {}
+    for phase, bound in shapes.items():
+        on_stage(f"freezing the {phase} graph")
+        phases[phase] = PassManager(target.pipeline, input_shapes=bound).run(quantized).model
+    bound_dims = [BoundDim("past_key_values", 2, "context", capacity, "--context" if context else "target defaults.context"),
+                  BoundDim("input_ids", 1, "seq", chunk, "--prefill-chunk" if prefill_chunk else "target defaults.prefill_chunk")]
+    return {"model": quantized, "float": canonical.model, "phases": phases, "shapes": shapes, "capacity": capacity,
+            "chunk": chunk, "quantization": quantization, "result": canonical, "kv_stats": result.stats,
+            "bound": bound_dims}
+
+
+def phase_shapes(model: onnx.ModelProto, batch: int, seq: int, capacity: int) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every input of the static-cache graph for `seq` new tokens."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if value.name == CACHE_POSITION:
+            shapes[value.name] = (seq,)
+        elif value.name in ("input_ids", "position_ids"):
+            shapes[value.name] = (batch, seq)
+        elif value.name == "attention_mask":
+            shapes[value.name] = (batch, capacity)
+        elif len(dims) == 4 and dims[2] == capacity:
+            shapes[value.name] = (batch, *dims[1:])  # type: ignore[arg-type]
+        elif None in dims:
+            raise GeneratorError(f"input {value.name!r} has a dynamic dim a generator cannot bind "
+                                 f"({['?' if d is None else d for d in dims]})")
+        else:
+            shapes[value.name] = tuple(dims)  # type: ignore[arg-type]
+    return shapes
+
+
+def build_generator(prepared: Mapping[str, Any], target: Any, staging: Path, report: Any, tuning: Any = None,
+                    on_stage: Callable[[str], None] = lambda _: None) -> None:
+    """Lower, build and write the generator's artifacts into `staging`; fill `report`."""
+    from passes.lowering import build, write_artifacts
+    from passes.lowering._build import host_threads
+    from passes.lowering._lower import lower_generator
+
+    started = time.perf_counter()
+    on_stage(f"lowering prefill and decode through TVM for {target.name}")
+    lowered = lower_generator(prepared["phases"], target, tuning=tuning.memory if tuning is not None else None)
+    on_stage(f"building {len(lowered.reference_kernels)} kernels")
+    built = build(lowered, target)
+    report.build_seconds = time.perf_counter() - started
+    report.dispatched = {family: d.to_dict() for family, d in lowered.dispatched.items()}
+    on_stage("writing artifacts")
+    written = {name: path.relative_to(staging) for name, path in write_artifacts(built, staging).items()}
+    save_model(prepared["model"], staging / "model.onnx")
+    written["model.onnx"] = Path("model.onnx")
+    for data in staging.glob("model.onnx.*.data"):
+        written[data.name] = Path(data.name)
+    spec = _spec(prepared, lowered)
+    written["generator.json"] = spec.save(staging).relative_to(staging)
+    weight_bytes = sum(int(value.nbytes) for value in lowered.weights.values())
+    code_bytes = (staging / "model.tar").stat().st_size
+    report.generator = {
+        "phases": {phase: {"tokens": prepared["shapes"][phase]["input_ids"][1]} for phase in prepared["phases"]},
+        "context": prepared["capacity"], "prefill_chunk": prepared["chunk"],
+        "caches": len(spec.caches), "cache_shape": spec.cache_shape, "cache_writes_in_place": lowered.cache_writes_in_place,
+        "weights": {"tensors": len(lowered.weights), "bytes": weight_bytes, "file": "params/tensor-cache.json"},
+        "code_bytes": code_bytes, "code_share_of_weights": code_bytes / weight_bytes if weight_bytes else None,
+    }
+    if built.runs_here:
+        on_stage("running prefill and decode against onnxruntime")
+        report.host_check = check_generator(built, lowered.weights, spec, staging / "model.onnx")
+        report.host_check["threads"] = host_threads()
+    else:
+        report.notes.append(f"{target.name} is not this machine: the build is not run here")
+        report.notes.append("linking a loadable library needs the target's toolchain (Android NDK / Xcode): "
+                            "model.tar holds the objects; params/ holds the weights")
+    report.artifacts = {name: str(rel) for name, rel in sorted(written.items())}
+
+
+def _spec(prepared: Mapping[str, Any], lowered: Any) -> Any:
+    """The generator's description: caches paired input -> output by the ScatterElements writing them."""
+    from passes.lowering._generate import GeneratorSpec
+
+    graph = prepared["phases"]["decode"].graph
+    inputs = {v.name: v for v in graph.input}
+    outputs = {v.name for v in graph.output}
+    pairs = [(node.input[0], node.output[0]) for node in graph.node
+             if node.op_type == "ScatterElements" and node.input[0] in inputs and node.output[0] in outputs]
+    if not pairs:
+        raise GeneratorError("the decode graph lost its cache writes")
+    cache = inputs[pairs[0][0]]
+    dims = [d.dim_value for d in cache.type.tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(cache.type.tensor_type.elem_type)
+    names_in = {phase: [spec.name for spec in lowered.entries[phase][0]] for phase in prepared["phases"]}
+    names_out = {phase: [spec.name for spec in lowered.entries[phase][1]] for phase in prepared["phases"]}
+    logits = next(spec for spec in lowered.entries["decode"][1] if spec.name == "logits")
+    return GeneratorSpec(prepared["capacity"], prepared["chunk"], [p[0] for p in pairs], [p[1] for p in pairs],
+                         dims, str(dtype), names_in, names_out, int(logits.shape[-1]))
+
+
+def check_generator(built: Any, weights: Mapping[str, np.ndarray], spec: Any, reference: Path) -> dict[str, Any]:
+    """Prefill a seeded prompt (one chunk and a bit) and decode a few tokens with the build and with
+    onnxruntime; compare every step's logits (tolerance scaled to their magnitude) and the greedy tokens."""
+    import tvm
+
+    from passes.lowering._generate import HostGenerator, OrtGenerator
+
+    host = HostGenerator(built.executable, [tvm.runtime.tensor(np.ascontiguousarray(w)) for w in weights.values()], spec)
+    ort = OrtGenerator(reference, spec)
+    prompt_length = min(spec.prefill_chunk + 3, spec.capacity - CHECK_DECODE_STEPS)
+    worst, scale, steps = 0.0, 0.0, 0
+    rng = np.random.default_rng(0)
+    tokens: list[int] = []
+    for generator in (host, ort):
+        generator.reset()
+    position = 0
+    while position < prompt_length + CHECK_DECODE_STEPS:
+        phase = "prefill" if position < prompt_length else "decode"
+        size = min(spec.prefill_chunk, prompt_length - position) if phase == "prefill" else 1
+        piece = [int(t) for t in rng.integers(0, spec.vocab, size)] if phase == "prefill" else [tokens[-1]]
+        got, expected = host.step(phase, piece, position), ort.step(phase, piece, position)
+        worst = max(worst, float(np.abs(got - expected).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+        tokens.append(int(np.argmax(expected[-1])))
+        steps += 1
+        position += size
+    tolerance = CHECK_RTOL * scale + CHECK_ATOL
+    return {"passed": worst <= tolerance, "reference": "onnxruntime on model.onnx (the static-cache graph)",
+            "steps": steps, "prompt_tokens": prompt_length, "decode_steps": CHECK_DECODE_STEPS,
+            "max_abs_error": worst, "max_abs_reference": scale, "tolerance": tolerance,
+            "rule": f"max |build - onnxruntime| <= {CHECK_RTOL:g} x max |reference| + {CHECK_ATOL:g}"}
+
+
+def generator_roofline(prepared: Mapping[str, Any], target: Any) -> dict[str, Any]:
+    """Decode: weights + the whole KV cache read per token; prefill: peak ops / matmul ops per token."""
+    shapes = prepared["shapes"]["decode"]
+    caches = [name for name in shapes if name.startswith("past")]
+    itemsize = 4 if prepared["model"] is None else _cache_itemsize(prepared["model"], caches)
+    kv_bytes = sum(int(np.prod(shapes[name])) for name in caches) * itemsize
+    decode = estimate(prepared["phases"]["decode"], target, tokens=1, kv_cache_bytes=kv_bytes)
+    prefill = estimate(prepared["phases"]["prefill"], target, tokens=prepared["chunk"])
+    result = decode.to_dict()
+    result["prefill_tokens_per_s"] = prefill.prefill_tokens_per_s
+    result["matmul_ops_per_token"] = prefill.matmul_ops_per_token
+    result["phases"] = {"decode": "weights + KV cache per token", "prefill": f"chunks of {prepared['chunk']} tokens"}
+    return result
+
+
+def _cache_itemsize(model: onnx.ModelProto, caches: list[str]) -> int:
+    for value in model.graph.input:
+        if value.name in caches:
+            return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)).itemsize)
+    return 4
+
+
+def summary_of(prepared: Mapping[str, Any]) -> Any:
+    return summarize(prepared["phases"]["decode"])

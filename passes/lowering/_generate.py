@@ -1,0 +1,227 @@
+"""Run a generator: prefill a prompt in chunks, then decode one token at a time against a fixed-capacity
+KV cache, greedily.
+
+    spec = GeneratorSpec.load(folder)                       # generator.json written by `passes run`
+    tvm_gen = HostGenerator.from_folder(folder)             # model.so + params/ (host builds)
+    ort_gen = OrtGenerator(folder / "model.onnx", spec)     # the same graph under onnxruntime
+    result = tvm_gen.generate([1, 2, 3], max_new_tokens=32)
+
+Both run the graph `static-kv-cache` made (inputs `input_ids`, `attention_mask`, `position_ids`,
+`cache_position` and the caches; outputs `logits` and the updated caches), so the same prompt gives the
+same cache contents step by step, and their greedy tokens can be compared one for one. The TVM build
+writes the caches in place: the tensors passed in are the tensors returned, kept from step to step.
+A prefill chunk shorter than the compiled chunk is padded; the padding's slots lie after every real
+token, so no real token attends to them, and the next token overwrites them before anyone reads them.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from passes.lowering._errors import LoweringError
+
+#: the generator's description beside the build
+SPEC_FILE = "generator.json"
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What a caller needs to drive the build: phases and their compiled chunk, cache names and shapes."""
+
+    capacity: int
+    prefill_chunk: int
+    caches: list[str]  # cache input names, in the order the functions take them
+    cache_outputs: list[str]
+    cache_shape: list[int]
+    cache_dtype: str
+    inputs: dict[str, list[str]]  # phase -> input names in order (caches included, weights not)
+    outputs: dict[str, list[str]]  # phase -> output names in order (logits and the updated caches)
+    vocab: int
+    logits: str = "logits"
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / SPEC_FILE
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> GeneratorSpec:
+        path = Path(folder) / SPEC_FILE
+        if not path.is_file():
+            raise LoweringError(f"{folder}: no {SPEC_FILE}; build a KV-cache export with `passes run` first")
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class Generation:
+    """Greedy tokens and how fast they came."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: list[float] = field(default_factory=list)  # one per decoded token
+    peak_rss_mb: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        total = sum(self.decode_seconds)
+        return len(self.decode_seconds) / total if total else 0.0
+
+    def latency_ms(self, percentile: float) -> float:
+        return float(np.percentile(self.decode_seconds, percentile) * 1e3) if self.decode_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "decode_latency_ms": {"p50": self.latency_ms(50), "p90": self.latency_ms(90)},
+                "peak_rss_mb": self.peak_rss_mb}
+
+
+class Generator(abc.ABC):
+    """Greedy generation over `step`, which runs one phase on a chunk of tokens at a start position."""
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Empty the cache."""
+
+    @abc.abstractmethod
+    def step(self, phase: str, tokens: Sequence[int], start: int) -> np.ndarray:
+        """Run `phase` on `tokens` at positions start..; the logits of the real tokens [n, vocab]."""
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, eos: int | None = None) -> Generation:
+        if not prompt:
+            raise LoweringError("the prompt has no tokens")
+        if len(prompt) + max_new_tokens > self.spec.capacity:
+            raise LoweringError(f"{len(prompt)} prompt tokens + {max_new_tokens} new ones exceed the cache's "
+                                f"{self.spec.capacity} slots (build with a larger --context)")
+        self.reset()
+        started = time.perf_counter()
+        chunk = self.spec.prefill_chunk if "prefill" in self.spec.inputs else 1
+        for begin in range(0, len(prompt), chunk):
+            piece = list(prompt[begin:begin + chunk])
+            logits = self.step("prefill" if "prefill" in self.spec.inputs else "decode", piece, begin)
+        result = Generation([], len(prompt), time.perf_counter() - started)
+        token = int(np.argmax(logits[-1]))
+        position = len(prompt)
+        while True:
+            result.tokens.append(token)
+            if len(result.tokens) >= max_new_tokens or token == eos:
+                break
+            started = time.perf_counter()
+            logits = self.step("decode", [token], position)
+            result.decode_seconds.append(time.perf_counter() - started)
+            token, position = int(np.argmax(logits[-1])), position + 1
+        result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return result
+
+    def feeds(self, phase: str, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
+        """The non-cache inputs of `phase` for `tokens` at `start`, padded to the phase's chunk."""
+        size = self.spec.prefill_chunk if phase == "prefill" else 1
+        if len(tokens) > size or start + len(tokens) > self.spec.capacity:
+            raise LoweringError(f"{len(tokens)} tokens at position {start} do not fit {phase} "
+                                f"(chunk {size}, {self.spec.capacity} slots)")
+        ids = np.zeros((1, size), np.int64)
+        ids[0, :len(tokens)] = tokens
+        positions = np.minimum(np.arange(start, start + size, dtype=np.int64), self.spec.capacity - 1)
+        mask = np.zeros((1, self.spec.capacity), np.int64)
+        mask[0, :start + len(tokens)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions[None, :],
+                "cache_position": positions}
+
+
+class HostGenerator(Generator):
+    """A host (llvm) build run by TVM's Relax VM; the caches are updated in place between steps."""
+
+    def __init__(self, executable: Any, weights: Sequence[Any], spec: GeneratorSpec) -> None:
+        import tvm
+        from tvm import relax
+
+        from passes.lowering._build import host_threads
+
+        super().__init__(spec)
+        host_threads()
+        self._vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._weights = list(weights)
+        self._caches: list[Any] = []
+        self._functions = {phase: self._vm[phase] for phase in spec.inputs}
+        self.reset()
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> HostGenerator:
+        import tvm
+
+        from passes.lowering._params import load_params
+
+        folder = Path(folder)
+        spec = GeneratorSpec.load(folder)
+        library = folder / "model.so"
+        if not library.is_file():
+            raise LoweringError(f"{folder}: no model.so (only host builds run on this machine)")
+        return cls(tvm.runtime.load_module(str(library)), load_params(folder / "params"), spec)
+
+    def reset(self) -> None:
+        import tvm
+
+        self._caches = [tvm.runtime.tensor(np.zeros(self.spec.cache_shape, self.spec.cache_dtype))
+                        for _ in self.spec.caches]
+
+    def step(self, phase: str, tokens: Sequence[int], start: int) -> np.ndarray:
+        import tvm
+
+        feeds = self.feeds(phase, tokens, start)
+        caches = dict(zip(self.spec.caches, self._caches))
+        arguments = [caches[name] if name in caches else tvm.runtime.tensor(feeds[name])
+                     for name in self.spec.inputs[phase]]
+        results = self._functions[phase](*arguments, *self._weights)
+        named = dict(zip(self.spec.outputs[phase], results))
+        self._caches = [named[name] for name in self.spec.cache_outputs]  # the same tensors when in place
+        return named[self.spec.logits].numpy()[0, :len(tokens)]
+
+
+class OrtGenerator(Generator):
+    """The same static-cache graph under onnxruntime: the reference a build's tokens are compared with."""
+
+    def __init__(self, model_path: Path, spec: GeneratorSpec, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__(spec)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self._names = [value.name for value in self._session.get_inputs()]
+        self._caches: list[np.ndarray] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self._caches = [np.zeros(self.spec.cache_shape, self.spec.cache_dtype) for _ in self.spec.caches]
+
+    def feeds(self, phase: str, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
+        padded = super().feeds(phase, tokens, start)  # the graph's seq dim is dynamic: no padding needed
+        count = len(tokens)
+        return {"input_ids": padded["input_ids"][:, :count], "attention_mask": padded["attention_mask"],
+                "position_ids": padded["position_ids"][:, :count], "cache_position": padded["cache_position"][:count]}
+
+    def step(self, phase: str, tokens: Sequence[int], start: int) -> np.ndarray:
+        feeds = self.feeds(phase, tokens, start) | dict(zip(self.spec.caches, self._caches))
+        outputs = self.spec.outputs[phase]
+        named = dict(zip(outputs, self._session.run(outputs, {name: feeds[name] for name in self._names})))
+        self._caches = [named[name] for name in self.spec.cache_outputs]
+        return named[self.spec.logits][0, :len(tokens)]

@@ -1,0 +1,115 @@
+"""Weights outside the code: lift a lowered module's constants into function parameters, write them once
+as a TVM tensor cache, load them back.
+
+    module', weights = lift_weights(module)      # every Relax function takes (inputs..., *weights)
+    write_params(weights, folder / "params")     # tensor-cache.json + params_shard_*.bin (raw)
+    tensors = load_params(folder / "params")     # tvm tensors in the functions' parameter order
+
+Compiled in as constants, a model's weights land in the object file: a 135M-parameter model made a
+189 MB `model.tar`, and a 7B model would make a 7 GB one compiled for hours. Lifted, the library holds
+code only and the weights are one folder in the format TVM's runtime reads on Android and iOS
+(`tvm.contrib.tvmjs`'s tensor cache, as MLC-LLM ships its parameter shards), with raw little-endian
+shards an app can memory-map. Every Relax function of the module (a generator's `prefill` and `decode`)
+takes the same weight list, so weights both phases read are stored once: constants are matched by
+dtype, shape and content, whatever layout pass made them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+#: constants smaller than this stay in the code (scalars, shape vectors, small masks)
+MIN_LIFTED_BYTES = 4096
+#: the tensor cache's index file
+INDEX = "tensor-cache.json"
+
+
+def lift_weights(module: tvm.IRModule, min_bytes: int = MIN_LIFTED_BYTES) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """Replace every constant of at least `min_bytes` in the module's Relax functions by a parameter
+    appended to each function (the same list, in the same order, for every function); return the module
+    and {parameter name: value}. Equal constants (dtype, shape, bytes) become one parameter."""
+    table: dict[tuple, str] = {}
+    weights: dict[str, np.ndarray] = {}
+    functions = [(gvar, func) for gvar, func in module.functions_items() if isinstance(func, relax.Function)]
+    for _, func in functions:
+        def visit(expr: relax.Expr) -> None:
+            if isinstance(expr, tvm.ir.GenericConst):  # (IntImm is a tvm.ir.Constant too)
+                value = expr.value.numpy()
+                if value.nbytes >= min_bytes:
+                    key = _key(value)
+                    if key not in table:
+                        table[key] = name = f"param_{len(table)}"
+                        weights[name] = value
+
+        relax.analysis.post_order_visit(func.body, visit)
+    if not weights:
+        return module, {}
+    updated = tvm.IRModule(dict(module.functions_items()), attrs=module.attrs)
+    for gvar, func in functions:
+        lifted = _Lifter(table, weights, min_bytes)
+        body = lifted.visit_expr(func.body)
+        params = [*func.params, *(lifted.vars[name] for name in weights)]
+        updated[gvar] = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+    return updated, weights
+
+
+@relax.expr_functor.mutator
+class _Lifter(relax.PyExprMutator):
+    def __init__(self, table: Mapping[tuple, str], weights: Mapping[str, np.ndarray], min_bytes: int) -> None:
+        super().__init__()
+        self.table, self.min_bytes = table, min_bytes
+        self.vars = {name: relax.Var(name, relax.TensorType(value.shape, str(value.dtype)))
+                     for name, value in weights.items()}
+
+    def visit_generic_const_(self, const: tvm.ir.GenericConst) -> relax.Expr:  # noqa: N802 (TVM's naming)
+        value = const.value.numpy()
+        if value.nbytes < self.min_bytes:
+            return const
+        return self.vars[self.table[_key(value)]]
+
+
+def _key(value: np.ndarray) -> tuple:
+    return (str(value.dtype), value.shape, hashlib.sha256(np.ascontiguousarray(value).data).hexdigest())
+
+
+def write_params(weights: Mapping[str, np.ndarray], folder: Path, shard_mb: int = 32) -> list[Path]:
+    """Write `weights` as a TVM tensor cache (raw shards of at most `shard_mb` MB) into `folder`;
+    returns the files written (the index first)."""
+    from tvm.contrib.tvmjs import dump_tensor_cache
+
+    folder = Path(folder)
+    with contextlib.redirect_stdout(io.StringIO()):  # it reports each shard on stdout
+        dump_tensor_cache(dict(weights), str(folder), encode_format="raw", shard_cap_mb=shard_mb,
+                          show_progress=False, meta_data={"ParamSize": len(weights), "order": list(weights)})
+    index = json.loads((folder / INDEX).read_text())
+    return [folder / INDEX, *(folder / shard["dataPath"] for shard in index["records"])]
+
+
+def read_params(folder: Path) -> dict[str, np.ndarray]:
+    """{name: array} of a tensor cache, in the order the functions take them; the arrays map the shard
+    files (read-only, nothing copied until used)."""
+    folder = Path(folder)
+    index = json.loads((folder / INDEX).read_text())
+    found: dict[str, np.ndarray] = {}
+    for shard in index["records"]:
+        data = np.memmap(folder / shard["dataPath"], dtype=np.uint8, mode="r")
+        for record in shard["records"]:
+            start, size = record["byteOffset"], record["nbytes"]
+            found[record["name"]] = data[start:start + size].view(np.dtype(record["dtype"])).reshape(record["shape"])
+    order = index.get("metadata", {}).get("order") or list(found)
+    return {name: found[name] for name in order}
+
+
+def load_params(folder: Path, device: tvm.runtime.Device | None = None) -> list[tvm.runtime.Tensor]:
+    """The tensor cache in `folder` as device tensors, in the functions' parameter order."""
+    device = device or tvm.cpu()
+    return [tvm.runtime.tensor(np.ascontiguousarray(value), device) for value in read_params(folder).values()]

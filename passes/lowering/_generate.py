@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from passes.lowering._errors import LoweringError
 
@@ -195,18 +196,31 @@ class HostGenerator(Generator):
 
 
 class OrtGenerator(Generator):
-    """The same static-cache graph under onnxruntime: the reference a build's tokens are compared with."""
+    """The same static-cache graph under onnxruntime: the reference a build's tokens are compared with.
 
-    def __init__(self, model_path: Path, spec: GeneratorSpec, threads: int | None = None) -> None:
+    `exact` runs it as `passes.numerics.verify.ModelRunner` does (integer matmuls exact on every CPU,
+    graph optimisations off: a reference, not a speed peer); otherwise a plain session on `threads`."""
+
+    def __init__(self, model: Path | onnx.ModelProto, spec: GeneratorSpec, threads: int | None = None,
+                 exact: bool = False) -> None:
         import onnxruntime as ort
 
         super().__init__(spec)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        self._names = [value.name for value in self._session.get_inputs()]
+        if exact:
+            from passes.numerics.verify import ModelRunner
+
+            runner = ModelRunner(model if isinstance(model, onnx.ModelProto) else onnx.load_model(str(model)))
+            self._run = lambda names, feeds: [runner(feeds)[name] for name in names]
+            self._names = list(spec.inputs["decode"])
+        else:
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            options.log_severity_level = 3
+            source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            self._run = session.run
+            self._names = [value.name for value in session.get_inputs()]
         self._caches: list[np.ndarray] = []
         self.reset()
 
@@ -222,6 +236,6 @@ class OrtGenerator(Generator):
     def step(self, phase: str, tokens: Sequence[int], start: int) -> np.ndarray:
         feeds = self.feeds(phase, tokens, start) | dict(zip(self.spec.caches, self._caches))
         outputs = self.spec.outputs[phase]
-        named = dict(zip(outputs, self._session.run(outputs, {name: feeds[name] for name in self._names})))
+        named = dict(zip(outputs, self._run(outputs, {name: feeds[name] for name in self._names})))
         self._caches = [named[name] for name in self.spec.cache_outputs]
         return named[self.spec.logits][0, :len(tokens)]

@@ -75,17 +75,18 @@ def lower(model: onnx.ModelProto, target: Any, tuning: Any = None) -> LoweredMod
         return _lower(model, target, tuning)
 
 
-def _packed_for_decode(model: onnx.ModelProto, target: Any) -> onnx.ModelProto:
+def _packed_for_decode(model: onnx.ModelProto, target: Any, any_rows: bool = False) -> onnx.ModelProto:
     """CPU targets with a decode tile: one-row float matmuls get their weights packed into contiguous
     panels of `schedule.float_gemv.tile_n` columns (`pack-matmul-weights`), which the default matmul
-    schedule then streams whole."""
+    schedule then streams whole. `any_rows` packs every such matmul (a generator's prefill reads the
+    weights its decode reads: one layout, stored once)."""
     gemv = getattr(getattr(target, "schedule", None), "float_gemv", None)
     if target.backend != "llvm" or gemv is None:
         return model
     from passes.transforms.pack_matmul_weights import PackMatmulWeights
 
     graph = ir.import_graph(model)
-    result, _ = PackMatmulWeights(panel=gemv.tile_n).run_checked(graph)
+    result, _ = PackMatmulWeights(panel=gemv.tile_n, any_rows=any_rows).run_checked(graph)
     return ir.export_model(graph) if result.modified else model  # unchanged: no export, no weight copy
 
 
@@ -106,7 +107,7 @@ def _import_phases(phases: Mapping[str, onnx.ModelProto], target: Any) -> tuple[
     entries = {}
     imported = None
     for name, model in phases.items():
-        imported = import_onnx(_packed_for_decode(model, target))
+        imported = import_onnx(_packed_for_decode(model, target, any_rows=True))
         functions[name] = imported.module["main"].with_attr("global_symbol", name)
         entries[name] = (imported.inputs, imported.outputs)
     assert imported is not None

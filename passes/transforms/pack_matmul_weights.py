@@ -33,6 +33,8 @@ class PackMatmulWeights(Pass):
 
     name = "pack-matmul-weights"
     panel: int = field(default=128, metadata={"min": 1, "help": "columns per panel (t)"})
+    any_rows: bool = field(default=False, metadata={"help": "pack matmuls of several rows too (a generator's "
+                                                            "prefill shares its weights with decode)"})
 
     def call(self, graph: gs.Graph) -> PassResult:
         ctx = RewriteContext(graph)
@@ -56,7 +58,7 @@ class PackMatmulWeights(Pass):
         rows = x.shape
         if type(weight) is not gs.Constant or rows is None or len(rows) < 2:
             return ""
-        if any(not isinstance(d, (int, np.integer)) or d != 1 for d in rows[:-1]):
+        if not self.any_rows and any(not isinstance(d, (int, np.integer)) or d != 1 for d in rows[:-1]):
             return ""  # more than one row, or rows not known to be one
         dims = weight.shape
         if dims is None or len(dims) != 2 or not np.issubdtype(ir.as_np_dtype(weight.dtype), np.floating):
@@ -68,6 +70,9 @@ class PackMatmulWeights(Pass):
 
     def _pack(self, graph: gs.Graph, node: gs.Node, ctx: RewriteContext) -> None:
         x, weight = node.inputs
+        if any(not isinstance(d, (int, np.integer)) or d != 1 for d in x.shape[:-1]):
+            self._pack_rows(graph, node, ctx)
+            return
         out = node.outputs[0]
         depth, columns = (int(d) for d in weight.shape)
         panels = columns // self.panel
@@ -84,3 +89,33 @@ class PackMatmulWeights(Pass):
                           outputs=[out])
         position = next(i for i, n in enumerate(graph.nodes) if n is node)  # by identity: Node.__eq__ compares
         graph.nodes.insert(position + 1, reshape)
+
+    def _pack_rows(self, graph: gs.Graph, node: gs.Node, ctx: RewriteContext) -> None:
+        """x[.., S, K] @ W -> Reshape(Transpose(Unsqueeze(x, -3) @ P, swap -3 -2), [.., S, N])."""
+        x, weight = node.inputs
+        out = node.outputs[0]
+        depth, columns = (int(d) for d in weight.shape)
+        panels = columns // self.panel
+        values = np.asarray(weight.values)
+        layout = np.ascontiguousarray(values.reshape(depth, panels, self.panel).transpose(1, 0, 2))
+        rank = len(x.shape)
+        lead, rows = list(x.shape[:-2]), x.shape[-2]
+        wide = gs.Variable(ctx.fresh(f"{x.name}/rows"), dtype=x.dtype, shape=[*lead, 1, rows, depth])
+        product = gs.Variable(ctx.fresh(f"{out.name}/panels"), dtype=out.dtype, shape=[*lead, panels, rows, self.panel])
+        swapped = gs.Variable(ctx.fresh(f"{out.name}/rows"), dtype=out.dtype, shape=[*lead, rows, panels, self.panel])
+        base = node.name or "MatMul"
+        unsqueeze = gs.Node("Unsqueeze", name=ctx.fresh(f"{base}/rows"),
+                            inputs=[x, ir.new_constant(ctx.fresh(f"{x.name}/axis"), np.array([rank - 2], np.int64))],
+                            outputs=[wide])
+        ir.set_input(node, 0, wide)
+        ir.set_input(node, 1, ir.new_constant(ctx.fresh(f"{weight.name}/panels{self.panel}"), layout))
+        ir.set_output(node, 0, product)
+        perm = [*range(rank - 2), rank - 1, rank - 2, rank]
+        transpose = gs.Node("Transpose", name=ctx.fresh(f"{base}/unpanel"), attrs={"perm": perm},
+                            inputs=[product], outputs=[swapped])
+        target_shape = np.array([0] * (rank - 1) + [columns], dtype=np.int64)  # 0: keep that dim
+        reshape = gs.Node("Reshape", name=ctx.fresh(f"{base}/join"),
+                          inputs=[swapped, ir.new_constant(ctx.fresh(f"{out.name}/shape"), target_shape)],
+                          outputs=[out])
+        position = next(i for i, n in enumerate(graph.nodes) if n is node)
+        graph.nodes[position:position + 1] = [unsqueeze, node, transpose, reshape]

@@ -15,9 +15,11 @@ the write touches S slots only; a compiler can do it in place (the TVM lowering 
 `cache_position` (int64 [S], as transformers' StaticCache names it) says which slots the S new tokens
 take; `attention_mask` becomes [B, C] (1 for slots holding tokens). The exporter's causal mask assumed
 the keys were `past ++ new`; it is replaced by one built from slot indices, so the keys can sit anywhere
-in the cache. Positions must come from a `position_ids` input: without one, a graph that still reads the
-past's length for anything but the mask is refused (that length is now the capacity, not the tokens
-held). With one, such reads only size things (a rotary table sliced to past + new rows reads C + S rows).
+in the cache. What else reads the past's length (exporters size the keys, the mask and GQA's repeat
+`Expand` as past + new) reads C - S, so that past + new is C, the keys attention reads. Positions must
+come from a `position_ids` input: without one, a graph that still reads the past's length for anything
+but the mask is refused (positions would follow the capacity, not the tokens held). With one, such
+reads only size things (a rotary table sliced to past + new rows keeps C rows).
 
 Numerics: the attention sums the same keys (masked slots contribute exp(finfo.min - max) = 0); the pass
 changes the interface, so it is not `exact` in the generic sense and its tests compare it with the
@@ -77,7 +79,10 @@ class StaticKvCache(Pass):
         column = ctx.variable("cache_position/column", np.int64, [1, 1, seq, 1])
         graph.nodes.append(ctx.node("Reshape", [position, _i64(ctx, "column_shape", [1, 1, -1, 1])], [column],
                                     base="cache_position/Reshape"))
+        new_tokens = ctx.variable("cache_position/count", np.int64, [1])
+        graph.nodes.append(ctx.node("Shape", [position], [new_tokens], base="cache_position/Shape"))
         for pair in pairs:
+            self._logical_length(graph, ctx, pair, new_tokens)
             self._write_in_place(graph, ctx, pair, column)
         bias = self._bias(graph, ctx, column, masked[0][0].dtype)
         for scores, apply in masked:
@@ -132,6 +137,31 @@ class StaticKvCache(Pass):
         present = node.outputs[0]
         if present.shape is not None:
             present.shape = [*present.shape[:2], self.capacity, *present.shape[3:]]
+
+    def _logical_length(self, graph: gs.Graph, ctx: RewriteContext, pair: CachePair, new_tokens: gs.Tensor) -> None:
+        """Shape(past) reads see a past of C - S entries, so that past + S (what exporters size the keys,
+        the mask and repeat_kv's Expand with) is C, the keys attention now reads."""
+        readers = [node for node in _readers(pair) if node.op == "Shape" and ir.is_default_domain(node)]
+        if not readers:
+            return
+        name = pair.past.name
+        full = ctx.variable(f"{name}/capacity_shape", np.int64, [4])
+        step = ctx.variable(f"{name}/new_entries", np.int64, [4])
+        logical = ctx.variable(f"{name}/logical_shape", np.int64, [4])
+        graph.nodes.append(ctx.node("Shape", [pair.past], [full], base=f"{name}/Shape"))
+        graph.nodes.append(ctx.node("Mul", [new_tokens, _i64(ctx, "seq_axis", [0, 0, 1, 0])], [step], base=f"{name}/Mul"))
+        graph.nodes.append(ctx.node("Sub", [full, step], [logical], base=f"{name}/Sub"))
+        for node in readers:
+            start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+            for tensor in node.inputs:
+                ir._remove_by_identity(tensor.outputs, node)
+            list.clear(node.inputs)
+            bounds = [logical, _i64(ctx, "start", [start]), _i64(ctx, "end", [4 if end is None else int(end)]),
+                      _i64(ctx, "axes", [0])]
+            node.op, node.attrs = "Slice", {}
+            for tensor in bounds:
+                list.append(node.inputs, tensor)
+                list.append(tensor.outputs, node)
 
     def _bias(self, graph: gs.Graph, ctx: RewriteContext, column: gs.Tensor, dtype: object) -> gs.Tensor:
         """bias[b, 0, s, j]: 0 where slot j is visible to new token s, else the dtype's lowest value."""

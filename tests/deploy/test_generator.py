@@ -18,31 +18,12 @@ from passes.cli import main
 from passes.core.io import save_model
 from passes.deploy.run import run_for_target
 from passes.samples import build_sample
+from tests.helpers import greedy_with_growing_cache
 
 pytestmark = pytest.mark.slow
 
 CONTEXT, CHUNK = 32, 8
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200]  # 11 tokens: one full prefill chunk and a partial one
-
-
-def greedy_with_growing_cache(path: Path, prompt: list[int], new: int) -> list[int]:
-    """onnxruntime on the export as exported: the prompt in one call, then a token per call, presents fed back."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in session.get_inputs()}
-    names = [o.name for o in session.get_outputs()]
-    caches = {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for n, i in inputs.items() if n.startswith("past")}
-    step, position, out = list(prompt), 0, []
-    while len(out) < new:
-        total = position + len(step)
-        feeds = {"input_ids": np.array([step], np.int64), "attention_mask": np.ones((1, total), np.int64),
-                 "position_ids": np.arange(position, total, dtype=np.int64)[None]} | caches
-        results = dict(zip(names, session.run(names, feeds)))
-        caches = {n: results[n.replace("past_key_values", "present")] for n in caches}
-        out.append(int(np.argmax(results["logits"][0, -1])))
-        position, step = total, [out[-1]]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,8 @@ from passes.transforms.static_kv_cache import CACHE_POSITION, StaticKvCache, cac
 CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-4
 #: decode steps the host check runs after its prefill
 CHECK_DECODE_STEPS = 3
+#: run on each phase once its shapes are frozen: attention reads grouped K/V heads in the cache itself
+PHASE_PASSES = "group-query-attention,cleanup"
 
 
 class GeneratorError(PassesError):
@@ -71,7 +73,7 @@ def prepare_generator(model: onnx.ModelProto, target: Any, *, context: int | Non
     phases = {}
     for phase, bound in shapes.items():
         on_stage(f"freezing the {phase} graph")
-        phases[phase] = PassManager(target.pipeline, input_shapes=bound).run(quantized).model
+        phases[phase] = PassManager(f"{target.pipeline},{PHASE_PASSES}", input_shapes=bound).run(quantized).model
     bound_dims = [BoundDim("past_key_values", 2, "context", capacity, "--context" if context else "target defaults.context"),
                   BoundDim("input_ids", 1, "seq", chunk, "--prefill-chunk" if prefill_chunk else "target defaults.prefill_chunk")]
     return {"model": quantized, "float": canonical.model, "phases": phases, "shapes": shapes, "capacity": capacity,

@@ -34,6 +34,7 @@ BUILTIN_PASSES: Mapping[str, str] = MappingProxyType(
         "fold-transpose": "passes.transforms.fold_transpose:FoldTranspose",
         "pack-matmul-weights": "passes.transforms.pack_matmul_weights:PackMatmulWeights",
         "static-kv-cache": "passes.transforms.static_kv_cache:StaticKvCache",
+        "group-query-attention": "passes.transforms.group_query_attention:GroupQueryAttention",
         "decompose-layer-norm": "passes.transforms.decompose_layer_norm:DecomposeLayerNorm",
         "decompose-rms-norm": "passes.transforms.decompose_rms_norm:DecomposeRmsNorm",
         "decompose-gelu": "passes.transforms.decompose_gelu:DecomposeGelu",

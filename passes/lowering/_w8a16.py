@@ -1,4 +1,5 @@
-"""Dispatch the W8A16 matmuls of a Relax module to the Metal kernel (`passes.kernels.metal_w8a16`).
+"""Dispatch the W8A16 matmuls of a Relax module to the Metal kernel (`passes.kernels.metal_w8a16`) or,
+on CPU (llvm) targets, to `passes.kernels.cpu_w8a16` (family `cpu-w8a16`, float32 activations).
 
     matmul(x[.., M, K], dequantize(W_s8[K, N], scale[N], 0, axis=1))
         -> reshape(call_tir(metal_w8a16, reshape(x, [M', K]), pack(W), scale), [.., M, N])
@@ -26,7 +27,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from passes.kernels import metal_w8a16
+from passes.kernels import cpu_w8a16, metal_w8a16
 from passes.lowering._dispatch import Dispatch, Dispatched, marked
 from passes.lowering._matmul_rewrite import constant, dtype_of, resolve, rewrite_matmuls, static_shape
 
@@ -36,14 +37,19 @@ logger = logging.getLogger(__name__)
 KERNEL_PREFIX = "metal_w8a16"
 #: the family name in `Dispatch.dispatched` / `LoweredModel.dispatched`
 FAMILY = "metal-w8a16"
+#: the CPU (llvm) kernel's names, cpu_w8a16_m{M}_k{K}_n{N}, and family
+CPU_KERNEL_PREFIX = "cpu_w8a16"
+CPU_FAMILY = "cpu-w8a16"
 
 _Kernels = dict[tuple[int, int, int, str], tuple[tvm.ir.GlobalVar, str, tirx.PrimFunc]]
 
 
 def wants_w8a16(target: Any) -> bool:
-    """Whether `target` takes W8A16 matmuls as the Metal dequantize-in-registers kernel."""
+    """Whether `target` takes W8A16 matmuls as a dequantize-in-registers kernel: the Metal one on Apple
+    GPUs that prefer W8A16, `passes.kernels.cpu_w8a16` on every CPU (llvm) target."""
     capabilities = getattr(target, "capabilities", None)
-    return target.backend == "metal" and getattr(capabilities, "quantization", None) == "w8a16"
+    return target.backend == "llvm" or (target.backend == "metal"
+                                         and getattr(capabilities, "quantization", None) == "w8a16")
 
 
 def dispatch_w8a16_matmuls(previous: Dispatch, target: Any) -> Dispatch:
@@ -55,9 +61,10 @@ def dispatch_w8a16_matmuls(previous: Dispatch, target: Any) -> Dispatch:
     if not count:
         return previous
     names = tuple(sorted(name for _, name, _ in kernels.values()))
-    logger.info("dispatched %d W8A16 matmuls to %d Metal kernels", count, len(names))
+    family = CPU_FAMILY if target.backend == "llvm" else FAMILY
+    logger.info("dispatched %d W8A16 matmuls to %d %s kernels", count, len(names), family)
     references = {**previous.references, **{name: reference for _, name, reference in kernels.values()}}
-    dispatched = {**previous.dispatched, FAMILY: Dispatched(count, names)}
+    dispatched = {**previous.dispatched, family: Dispatched(count, names)}
     return Dispatch(updated, MappingProxyType(dispatched), MappingProxyType(references))
 
 
@@ -65,7 +72,8 @@ def count_w8a16_calls(module: tvm.IRModule) -> int:
     """How many `call_tir`s of the Relax functions of `module` call a W8A16 kernel."""
     from passes.lowering._tir import call_counts
 
-    return sum(count for name, count in call_counts(module).items() if name.startswith(KERNEL_PREFIX))
+    return sum(count for name, count in call_counts(module).items()
+               if name.startswith((KERNEL_PREFIX, CPU_KERNEL_PREFIX)))
 
 
 def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder, kernels: _Kernels,
@@ -83,6 +91,8 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder, k
     rows, depth, cols = int(np.prod(shape[:-1])), shape[-1], weight.shape[1]
     if min(rows, depth, cols) < 1:
         return None
+    if target.backend == "llvm":
+        return _cpu_kernel_call(activation, shape, weight, scale, builder, kernels)
     tiles = metal_w8a16.tiles_from_target(target, rows)
     key = (rows, depth, cols, dtype)
     if key not in kernels:
@@ -95,6 +105,25 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder, k
     packed = metal_w8a16.pack_weights(weight, tiles)
     result = relax.call_tir(kernel, [flat, relax.const(packed), relax.const(scale)],
                             relax.TensorType((rows, cols), dtype))
+    return result if len(shape) == 2 else relax.op.reshape(result, (*shape[:-1], cols))
+
+
+def _cpu_kernel_call(activation: relax.Expr, shape: tuple[int, ...], weight: np.ndarray, scale: np.ndarray,
+                     builder: relax.BlockBuilder, kernels: _Kernels) -> relax.Expr | None:
+    """The CPU kernel: float32 activations only, columns a multiple of a panel width."""
+    rows, depth, cols = int(np.prod(shape[:-1])), shape[-1], weight.shape[1]
+    panel = cpu_w8a16.panel_for(cols)
+    if panel is None or dtype_of(activation) != "float32":
+        return None
+    key = (rows, depth, cols, "cpu")
+    if key not in kernels:
+        name = f"{CPU_KERNEL_PREFIX}_m{rows}_k{depth}_n{cols}"
+        gvar = builder.add_func(marked(cpu_w8a16.w8a16_matmul(rows, depth, cols, panel)), name)
+        kernels[key] = (gvar, gvar.name_hint, cpu_w8a16.w8a16_compute(rows, depth, cols, panel))
+    flat = activation if len(shape) == 2 else relax.op.reshape(activation, (rows, depth))
+    packed = cpu_w8a16.pack_weights(weight, panel)
+    result = relax.call_tir(kernels[key][0], [flat, relax.const(packed), relax.const(scale)],
+                            relax.TensorType((rows, cols), "float32"))
     return result if len(shape) == 2 else relax.op.reshape(result, (*shape[:-1], cols))
 
 

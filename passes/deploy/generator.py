@@ -30,6 +30,7 @@ from passes.deploy.roofline import estimate
 from passes.deploy.summary import summarize
 from passes.frontend.prepare import BoundDim, QuantizeSettings, _quantize
 from passes.infra.manager import Instrument, PassManager
+from passes.infra.pipeline import parse_pipeline
 from passes.transforms.static_kv_cache import CACHE_POSITION, StaticKvCache, cache_pairs
 
 #: host check: logits of the build and onnxruntime agree within RTOL x max |reference logits| (+ ATOL)
@@ -49,36 +50,46 @@ def is_kv_export(model: onnx.ModelProto) -> bool:
     return bool(cache_pairs(ir.import_graph(model, infer_shapes=False)))
 
 
-def prepare_generator(model: onnx.ModelProto, target: Any, *, context: int | None, prefill_chunk: int | None,
-                      pipeline: str | None, settings: QuantizeSettings, instruments: tuple[Instrument, ...] = (),
+def prepare_generator(load: Callable[[], onnx.ModelProto], target: Any, *, context: int | None,
+                      prefill_chunk: int | None, pipeline: str | None, settings: QuantizeSettings, check_here: bool,
+                      instruments: tuple[Instrument, ...] = (),
                       on_stage: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """The static-cache graph (quantized as the target prefers) and its frozen prefill and decode graphs."""
+    """The static-cache graph (quantized as the target prefers), its frozen prefill and decode graphs, the
+    generator's description and, when the build will run here (`check_here`), the reference it is checked
+    against. `load` gives the export; no more than one float copy of the weights is alive at a time (a
+    1.1B-parameter model is 4.4 GB of them)."""
     capacity = context or target.defaults.context
     chunk = min(prefill_chunk or target.defaults.prefill_chunk, capacity)
-    on_stage(f"making the KV cache static ({capacity} slots)")
-    kv_pass = StaticKvCache(capacity=capacity)
-    graph = ir.import_graph(model)
-    result, _ = kv_pass.run_checked(graph)
-    if not result.modified:
-        reason = result.refusals[0].reason if result.refusals else "no Concat(past, new) cache found"
+    on_stage(f"making the KV cache static ({capacity} slots) and rewriting the graph")
+    elements = [StaticKvCache(capacity=capacity), *parse_pipeline(pipeline or target.pipeline).elements]
+    canonical = PassManager(elements, instruments=instruments).run(load())
+    record = next(r for r in canonical.report.passes if r.name == StaticKvCache.name)
+    if not record.modified:
+        reason = record.refusals[0]["reason"] if record.refusals else "no Concat(past, new) cache found"
         raise GeneratorError(f"cannot build a generator: {reason}")
-    static = ir.export_model(graph)
-    on_stage("rewriting the graph")
-    canonical = PassManager(pipeline or target.pipeline, instruments=instruments).run(static)
-    shapes = {phase: phase_shapes(canonical.model, 1, size, capacity) for phase, size in
-              (("prefill", chunk), ("decode", 1))}
+    model, pipeline_report = canonical.model, canonical.report
+    del canonical
+    shapes = {phase: phase_shapes(model, 1, size, capacity) for phase, size in (("prefill", chunk), ("decode", 1))}
     if settings.scheme != "none":
         on_stage("quantizing (smoothing, calibration, SQNR)")
-    quantized, quantization = _quantize(canonical.model, target, settings, shapes["prefill"])
+    quantized, quantization = _quantize(model, target, settings, shapes["prefill"])
+    float_model = model if quantization is not None and check_here else None
+    del model
     phases = {}
     for phase, bound in shapes.items():
         on_stage(f"freezing the {phase} graph")
         phases[phase] = PassManager(f"{target.pipeline},{PHASE_PASSES}", input_shapes=bound).run(quantized).model
+    spec = generator_spec(phases, capacity, chunk)
+    plan = None
+    if check_here:
+        on_stage("running the reference: onnxruntime, prefill and decode")
+        plan = reference_plan(spec, quantized, float_model)
+    del float_model
     bound_dims = [BoundDim("past_key_values", 2, "context", capacity, "--context" if context else "target defaults.context"),
                   BoundDim("input_ids", 1, "seq", chunk, "--prefill-chunk" if prefill_chunk else "target defaults.prefill_chunk")]
-    return {"model": quantized, "float": canonical.model, "phases": phases, "shapes": shapes, "capacity": capacity,
-            "chunk": chunk, "quantization": quantization, "result": canonical, "kv_stats": result.stats,
-            "bound": bound_dims}
+    return {"model": quantized, "phases": phases, "shapes": shapes, "capacity": capacity, "chunk": chunk,
+            "quantization": quantization, "report": pipeline_report, "kv_stats": record.stats, "bound": bound_dims,
+            "spec": spec, "plan": plan}
 
 
 def phase_shapes(model: onnx.ModelProto, batch: int, seq: int, capacity: int) -> dict[str, tuple[int, ...]]:
@@ -125,7 +136,10 @@ def build_generator(prepared: Mapping[str, Any], target: Any, staging: Path, rep
     written["model.onnx"] = Path("model.onnx")
     for data in staging.glob("model.onnx.*.data"):
         written[data.name] = Path(data.name)
-    spec = _spec(prepared, lowered)
+    spec = prepared["spec"]
+    for phase, (inputs, outputs) in lowered.entries.items():
+        if [t.name for t in inputs] != spec.inputs[phase] or [t.name for t in outputs] != spec.outputs[phase]:
+            raise GeneratorError(f"the lowered {phase} function's signature differs from its graph's")
     written["generator.json"] = spec.save(staging).relative_to(staging)
     weight_bytes = sum(int(value.nbytes) for value in lowered.weights.values())
     code_bytes = (staging / "model.tar").stat().st_size
@@ -138,8 +152,7 @@ def build_generator(prepared: Mapping[str, Any], target: Any, staging: Path, rep
     }
     if built.runs_here:
         on_stage("running prefill and decode against onnxruntime")
-        report.host_check = check_generator(built, lowered.weights, spec, prepared["model"],
-                                            prepared["float"] if prepared["quantization"] is not None else None)
+        report.host_check = check_generator(built, lowered.weights, spec, prepared["plan"])
         report.host_check["threads"] = host_threads()
     else:
         report.notes.append(f"{target.name} is not this machine: the build is not run here")
@@ -148,69 +161,84 @@ def build_generator(prepared: Mapping[str, Any], target: Any, staging: Path, rep
     report.artifacts = {name: str(rel) for name, rel in sorted(written.items())}
 
 
-def _spec(prepared: Mapping[str, Any], lowered: Any) -> Any:
-    """The generator's description: caches paired input -> output by the ScatterElements writing them."""
+def generator_spec(phases: Mapping[str, onnx.ModelProto], capacity: int, chunk: int) -> Any:
+    """The generator's description, from the frozen phase graphs: inputs and outputs by ONNX name, caches
+    paired input -> output by the ScatterElements writing them."""
     from passes.lowering._generate import GeneratorSpec
 
-    graph = prepared["phases"]["decode"].graph
+    graph = phases["decode"].graph
     inputs = {v.name: v for v in graph.input}
-    outputs = {v.name for v in graph.output}
+    outputs = {v.name: v for v in graph.output}
     pairs = [(node.input[0], node.output[0]) for node in graph.node
              if node.op_type == "ScatterElements" and node.input[0] in inputs and node.output[0] in outputs]
-    if not pairs:
-        raise GeneratorError("the decode graph lost its cache writes")
+    if not pairs or "logits" not in outputs:
+        raise GeneratorError("the decode graph lost its cache writes or its logits output")
     cache = inputs[pairs[0][0]]
     dims = [d.dim_value for d in cache.type.tensor_type.shape.dim]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(cache.type.tensor_type.elem_type)
-    names_in = {phase: [spec.name for spec in lowered.entries[phase][0]] for phase in prepared["phases"]}
-    names_out = {phase: [spec.name for spec in lowered.entries[phase][1]] for phase in prepared["phases"]}
-    logits = next(spec for spec in lowered.entries["decode"][1] if spec.name == "logits")
-    return GeneratorSpec(prepared["capacity"], prepared["chunk"], [p[0] for p in pairs], [p[1] for p in pairs],
-                         dims, str(dtype), names_in, names_out, int(logits.shape[-1]))
+    vocab = outputs["logits"].type.tensor_type.shape.dim[-1].dim_value
+
+    def names(values: Any, model: onnx.ModelProto) -> list[str]:
+        initializers = {t.name for t in model.graph.initializer}
+        return [v.name for v in values if v.name not in initializers]
+
+    return GeneratorSpec(capacity, chunk, [p[0] for p in pairs], [p[1] for p in pairs], dims, str(dtype),
+                         {phase: names(m.graph.input, m) for phase, m in phases.items()},
+                         {phase: [v.name for v in m.graph.output] for phase, m in phases.items()}, int(vocab))
 
 
-def check_generator(built: Any, weights: Mapping[str, np.ndarray], spec: Any, model: onnx.ModelProto,
-                    float_model: onnx.ModelProto | None) -> dict[str, Any]:
-    """Prefill a seeded prompt (a chunk and a bit) and decode a few tokens with the build and with the exact
-    reference (onnxruntime, integer matmuls exact) on `model`, feeding both the reference's greedy tokens.
-    Float logits agree within a tolerance scaled to their magnitude; where activations are quantized (an
-    ulp of float rounding can flip a code), the build's SQNR against `float_model` may fall at most
-    `QUANTIZED_MARGIN_DB` below the reference's. `VerificationError` when neither holds."""
-    import tvm
+def reference_plan(spec: Any, model: onnx.ModelProto, float_model: onnx.ModelProto | None) -> dict[str, Any]:
+    """What the host check replays: a seeded prompt (a chunk and a bit) prefilled in chunks, then
+    `CHECK_DECODE_STEPS` greedy tokens, run by the exact reference (onnxruntime on `model`, integer
+    matmuls exact); the logits of each step, and fp32's on the same tokens where activations are quantized."""
+    from passes.deploy.host_check import ACTIVATION_QUANTIZERS
+    from passes.lowering._generate import OrtGenerator
 
-    from passes.deploy.host_check import ACTIVATION_QUANTIZERS, QUANTIZED_MARGIN_DB
-    from passes.lowering._generate import HostGenerator, OrtGenerator
-    from passes.numerics.accuracy import sqnr_db
-
-    host = HostGenerator(built.executable, [tvm.runtime.tensor(np.ascontiguousarray(w)) for w in weights.values()], spec)
-    runs = {"build": host, "reference": OrtGenerator(model, spec, exact=True)}
-    quantized = any(node.op_type in ACTIVATION_QUANTIZERS for node in model.graph.node)
-    if quantized and float_model is not None:
+    runs = {"reference": OrtGenerator(model, spec, exact=True)}
+    if float_model is not None and any(node.op_type in ACTIVATION_QUANTIZERS for node in model.graph.node):
         runs["fp32"] = OrtGenerator(float_model, spec, exact=True)
     prompt_length = min(spec.prefill_chunk + 3, spec.capacity - CHECK_DECODE_STEPS)
     rng = np.random.default_rng(0)
+    steps: list[tuple[str, list[int], int]] = []
     logits: dict[str, list[np.ndarray]] = {name: [] for name in runs}
     position, token = 0, 0
     while position < prompt_length + CHECK_DECODE_STEPS:
         phase = "prefill" if position < prompt_length else "decode"
         size = min(spec.prefill_chunk, prompt_length - position) if phase == "prefill" else 1
         piece = [int(t) for t in rng.integers(0, spec.vocab, size)] if phase == "prefill" else [token]
+        steps.append((phase, piece, position))
         for name, generator in runs.items():
             logits[name].append(generator.step(phase, piece, position))
         token = int(np.argmax(logits["reference"][-1][-1]))
         position += size
-    got, expected = (np.concatenate(logits[name]) for name in ("build", "reference"))
+    return {"steps": steps, "prompt_tokens": prompt_length,
+            **{name: np.concatenate(values) for name, values in logits.items()}}
+
+
+def check_generator(built: Any, weights: Mapping[str, np.ndarray], spec: Any, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Replay `plan` (`reference_plan`) on the host build. Float logits agree within a tolerance scaled to
+    their magnitude; where activations are quantized (an ulp of float rounding can flip a code), the
+    build's SQNR against fp32 may fall at most `QUANTIZED_MARGIN_DB` below the reference's.
+    `VerificationError` when neither holds."""
+    import tvm
+
+    from passes.deploy.host_check import QUANTIZED_MARGIN_DB
+    from passes.lowering._generate import HostGenerator
+    from passes.numerics.accuracy import sqnr_db
+
+    host = HostGenerator(built.executable, [tvm.runtime.tensor(np.ascontiguousarray(w)) for w in weights.values()], spec)
+    got = np.concatenate([host.step(phase, piece, position) for phase, piece, position in plan["steps"]])
+    expected = plan["reference"]
     worst, scale = float(np.abs(got - expected).max()), float(np.abs(expected).max())
     tolerance = CHECK_RTOL * scale + CHECK_ATOL
     result: dict[str, Any] = {
         "passed": worst <= tolerance, "criterion": "allclose",
         "reference": "onnxruntime on model.onnx, integer ops exact (passes.numerics.exact)",
-        "prompt_tokens": prompt_length, "decode_steps": CHECK_DECODE_STEPS, "max_abs_error": worst,
+        "prompt_tokens": plan["prompt_tokens"], "decode_steps": CHECK_DECODE_STEPS, "max_abs_error": worst,
         "max_abs_reference": scale, "tolerance": tolerance,
         "rule": f"max |build - reference| <= {CHECK_RTOL:g} x max |reference| + {CHECK_ATOL:g}"}
-    if not result["passed"] and "fp32" in runs:
-        fp32 = np.concatenate(logits["fp32"])
-        build_db, reference_db = sqnr_db(fp32, got), sqnr_db(fp32, expected)
+    if not result["passed"] and "fp32" in plan:
+        build_db, reference_db = sqnr_db(plan["fp32"], got), sqnr_db(plan["fp32"], expected)
         result.update(criterion="sqnr against fp32", build_db=build_db, reference_db=reference_db,
                       margin_db=QUANTIZED_MARGIN_DB, passed=build_db >= reference_db - QUANTIZED_MARGIN_DB,
                       rule=f"the build's logits SQNR against fp32 at most {QUANTIZED_MARGIN_DB:g} dB below the "

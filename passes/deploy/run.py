@@ -176,18 +176,18 @@ def _run_generator(model_path: str | os.PathLike[str], target: Any, final_dir: P
 
         tuning = load_session(tuning)
     on_stage(f"loading {model_path}")
-    loaded = load_model_with_info(model_path)
-    prepared = prepare_generator(loaded.model, target, context=context, prefill_chunk=prefill_chunk, pipeline=pipeline,
+    prepared = prepare_generator(lambda: load_model_with_info(model_path).model, target, context=context,
+                                 prefill_chunk=prefill_chunk, pipeline=pipeline,
                                  settings=settings or QuantizeSettings(quantize, calibration),
-                                 instruments=tuple(instruments), on_stage=on_stage)
-    result, decode = prepared["result"], prepared["phases"]["decode"]
+                                 check_here=_runs_here(target), instruments=tuple(instruments), on_stage=on_stage)
+    result, decode = prepared["report"], prepared["phases"]["decode"]
     summary = summarize(prepared["model"])
     report = RunReport(
         target=target.name, model=str(model_path), output_dir=str(final_dir), bound_dims=prepared["bound"],
-        pipeline_spec=pipeline or target.pipeline, pipeline=result.report.to_dict(), ops_before=result.report.ops_before,
+        pipeline_spec=pipeline or target.pipeline, pipeline=result.to_dict(), ops_before=result.ops_before,
         ops_after=dict(ir.op_histogram(decode)), weight_bytes=summary.weight_bytes, parameters=summary.parameters,
-        roofline=generator_roofline(prepared, target), missing_ops=missing_ops(result.report.ops_before,
-                                                                               result.report.ops_after, target),
+        roofline=generator_roofline(prepared, target), missing_ops=missing_ops(result.ops_before,
+                                                                               result.ops_after, target),
         build_seconds=0.0, artifacts={}, quantization=prepared["quantization"],
     )
     staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
@@ -201,6 +201,14 @@ def _run_generator(model_path: str | os.PathLike[str], target: Any, final_dir: P
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _runs_here(target: Any) -> bool:
+    """Whether the target is this machine's CPU (its build is run and checked here)."""
+    from passes.lowering._build import is_this_machine
+    from passes.lowering._lower import _tvm_target
+
+    return target.backend == "llvm" and is_this_machine(_tvm_target(target))
 
 
 def missing_ops(before: Mapping[str, int], after: Mapping[str, int], target: Any) -> list[dict[str, str]]:

@@ -31,6 +31,10 @@ from passes.numerics.verify import DEFAULT_ATOL, DEFAULT_RTOL, Comparison, compa
 logger = logging.getLogger(__name__)
 
 
+#: a graph whose constants pass this is collected after every modifying pass (see `_Runner.heavy`)
+HEAVY_BYTES = 256 * 2**20
+
+
 @dataclass
 class PassRecord:
     """One application of one pass."""
@@ -258,7 +262,9 @@ class PassManager:
         report = PipelineReport(pipeline.spec(), len(graph.nodes), len(graph.nodes), histogram, histogram)
         for instrument in instruments:
             instrument.before_pipeline(model, report)
-        _Runner(graph, report, instruments, self._full_contracts(), ops=histogram).run_elements(pipeline.elements, None)
+        heavy = sum(ir.constant_nbytes(t) for t in ir.tensor_map(graph).values() if type(t) is gs.Constant) > HEAVY_BYTES
+        _Runner(graph, report, instruments, self._full_contracts(), ops=histogram, heavy=heavy).run_elements(
+            pipeline.elements, None)
         result = ir.export_model(graph)
         report.nodes_after = len(graph.nodes)
         report.ops_after = ir.op_histogram(graph)
@@ -281,6 +287,8 @@ class _Runner:
     #: after its last application and whether that application changed the graph
     version: int = 0
     last_run: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    #: weights past HEAVY_BYTES: collect the cycles a modifying pass leaves (gc is off during runs)
+    heavy: bool = False
 
     def run_elements(self, elements: Sequence[PipelineElement], round_: int | None) -> bool:
         modified = False
@@ -343,6 +351,8 @@ class _Runner:
             refusals=[r.to_dict() for r in result.refusals],
         )
         self.report.passes.append(record)
+        if result.modified and self.heavy:
+            gc.collect()  # weights a pass replaced sit in node <-> tensor cycles; a 4 GB model cannot wait for the end
         self.ops = record.ops_after
         self.version += result.modified
         self.last_run[id(pass_)] = (self.version, result.modified)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from passes.core import ir
 from passes.infra._pass import Pass, PassResult
@@ -56,7 +57,7 @@ class EliminateCommonSubexpressions(Pass):
 
     def _merge_constants(self, graph: gs.Graph, outputs: set[int]) -> int:
         """Point every use of a constant at the first constant with the same dtype, shape and bytes."""
-        buckets: dict[tuple[object, ...], list[tuple[gs.Constant, np.ndarray]]] = {}
+        buckets: dict[tuple[object, ...], list[gs.Constant]] = {}
         keepers: dict[int, gs.Constant] = {}  # constant -> the one its uses move to (itself when first)
         merged = 0
         for node in graph.nodes:
@@ -71,17 +72,19 @@ class EliminateCommonSubexpressions(Pass):
                     merged += 1
         return merged
 
-    def _keeper(self, tensor: gs.Constant, buckets: dict[tuple[object, ...], list[tuple[gs.Constant, np.ndarray]]],
+    def _keeper(self, tensor: gs.Constant, buckets: dict[tuple[object, ...], list[gs.Constant]],
                 outputs: set[int]) -> gs.Constant:
         """The first constant seen with `tensor`'s dtype, shape and bytes (`tensor` itself when it is the
-        first, a graph output, or too large to compare)."""
+        first, a graph output, or too large to compare). Weights not loaded yet stay unloaded: their
+        values are read for the comparison and dropped (a model's weights loaded all at once would sit
+        in memory beside the model they came from, doubling a 4 GB model)."""
         if id(tensor) in outputs or ir.constant_nbytes(tensor) > self.max_constant_bytes:  # size read unloaded
             return tensor
-        values = np.asarray(tensor.values)
+        values = _peek(tensor)
         bucket = buckets.setdefault(_sample_key(values), [])
-        keeper = next((c for c, v in bucket if _same_bytes(v, values)), None)
+        keeper = next((c for c in bucket if _same_bytes(_peek(c), values)), None)
         if keeper is None:
-            bucket.append((tensor, values))
+            bucket.append(tensor)
             return tensor
         return keeper
 
@@ -102,6 +105,12 @@ def _merge_into(graph: gs.Graph, first: gs.Node, duplicate: gs.Node, outputs: se
             kept.shape = kept.shape if kept.shape is not None else dropped.shape
             outputs.add(id(kept))
     return True
+
+
+def _peek(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values, without making graphsurgeon keep them loaded."""
+    stored = tensor._values
+    return stored.load() if isinstance(stored, LazyValues) else np.asarray(stored)
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:

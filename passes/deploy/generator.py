@@ -27,7 +27,6 @@ from passes.core import ir
 from passes.core.errors import PassesError, VerificationError
 from passes.core.io import save_model
 from passes.deploy.roofline import estimate
-from passes.deploy.summary import summarize
 from passes.frontend.prepare import BoundDim, QuantizeSettings, _quantize
 from passes.infra.manager import Instrument, PassManager
 from passes.infra.pipeline import parse_pipeline
@@ -88,7 +87,7 @@ def prepare_generator(load: Callable[[], onnx.ModelProto], target: Any, *, conte
     bound_dims = [BoundDim("past_key_values", 2, "context", capacity, "--context" if context else "target defaults.context"),
                   BoundDim("input_ids", 1, "seq", chunk, "--prefill-chunk" if prefill_chunk else "target defaults.prefill_chunk")]
     return {"model": quantized, "phases": phases, "shapes": shapes, "capacity": capacity, "chunk": chunk,
-            "quantization": quantization, "report": pipeline_report, "kv_stats": record.stats, "bound": bound_dims,
+            "quantization": quantization, "report": pipeline_report, "bound": bound_dims,
             "spec": spec, "plan": plan}
 
 
@@ -253,10 +252,8 @@ def check_generator(built: Any, weights: Mapping[str, np.ndarray], spec: Any, pl
 
 def generator_roofline(prepared: Mapping[str, Any], target: Any) -> dict[str, Any]:
     """Decode: weights + the whole KV cache read per token; prefill: peak ops / matmul ops per token."""
-    shapes = prepared["shapes"]["decode"]
-    caches = [name for name in shapes if name.startswith("past")]
-    itemsize = 4 if prepared["model"] is None else _cache_itemsize(prepared["model"], caches)
-    kv_bytes = sum(int(np.prod(shapes[name])) for name in caches) * itemsize
+    spec = prepared["spec"]
+    kv_bytes = len(spec.caches) * int(np.prod(spec.cache_shape)) * np.dtype(spec.cache_dtype).itemsize
     decode = estimate(prepared["phases"]["decode"], target, tokens=1, kv_cache_bytes=kv_bytes)
     prefill = estimate(prepared["phases"]["prefill"], target, tokens=prepared["chunk"])
     result = decode.to_dict()
@@ -264,14 +261,3 @@ def generator_roofline(prepared: Mapping[str, Any], target: Any) -> dict[str, An
     result["matmul_ops_per_token"] = prefill.matmul_ops_per_token
     result["phases"] = {"decode": "weights + KV cache per token", "prefill": f"chunks of {prepared['chunk']} tokens"}
     return result
-
-
-def _cache_itemsize(model: onnx.ModelProto, caches: list[str]) -> int:
-    for value in model.graph.input:
-        if value.name in caches:
-            return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)).itemsize)
-    return 4
-
-
-def summary_of(prepared: Mapping[str, Any]) -> Any:
-    return summarize(prepared["phases"]["decode"])

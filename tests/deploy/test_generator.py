@@ -46,6 +46,7 @@ def test_a_kv_export_builds_prefill_and_decode_over_one_weight_set(fp32_build: t
     assert gen["phases"] == {"prefill": {"tokens": CHUNK}, "decode": {"tokens": 1}}
     assert gen["context"] == CONTEXT and gen["caches"] == 4 and gen["cache_shape"] == [1, 2, CONTEXT, 16]
     assert gen["cache_writes_in_place"] == 8  # 4 caches x 2 phases
+    assert report.roofline["kv_cache_bytes_per_token"] == 4 * 2 * CONTEXT * 16 * 4  # read whole, every step
     check = report.host_check  # type: ignore[attr-defined]
     assert check["passed"] and check["criterion"] == "allclose" and check["decode_steps"] == 3
     for name in ("model.tar", "model.so", "generator.json", "params/tensor-cache.json", "model.onnx"):

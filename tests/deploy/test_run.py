@@ -184,3 +184,16 @@ def test_run_without_quantization_keeps_float_weights(sample_path: Path, tmp_pat
     assert report.quantization is None and report.host_check is not None and report.host_check["ok"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "host" / "model.onnx")).graph.node}
     assert not ops & {"MatMulInteger", "DequantizeLinear", "QuantizeLinear"}
+
+
+def test_roofline_decode_reads_the_kv_cache_too() -> None:
+    """A generator's decode bound: bandwidth / (weights + the whole cache at the context length). For
+    Llama-2-7B at a 4096-token fp16 cache that is 32 layers x K and V x 32 heads x 4096 x 128 x 2 bytes
+    = 2.15 GB more per token than its 6.61 GB of INT8 weights: ~7.6 tok/s on 67.2 GB/s instead of ~10."""
+    model_7b = _llama_7b_shapes()
+    kv = 32 * 2 * 32 * 4096 * 128 * 2
+    plain, with_cache = (estimate(model_7b, load_target("sd8gen2"), tokens=1, kv_cache_bytes=b) for b in (0, kv))
+    assert with_cache.weight_bytes_per_token["int8"] == plain.weight_bytes_per_token["int8"] + kv
+    assert with_cache.decode_tokens_per_s["int8"] == pytest.approx(67.2e9 / (plain.weight_bytes_per_token["int8"] + kv))
+    assert 7.5 < with_cache.decode_tokens_per_s["int8"] < 7.8
+    assert with_cache.kv_cache_bytes_per_token == kv and any("KV cache" in n for n in with_cache.notes)

@@ -59,3 +59,49 @@ def greedy_with_growing_cache(path: str | os.PathLike[str], prompt: list[int], n
         out.append(int(np.argmax(results["logits"][0, -1])))
         position, step = total, [out[-1]]
     return out
+
+
+def _cache_inputs(m: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    return [v for v in m.graph.input if v.name.startswith("past_key_values")]
+
+
+def run_growing_cache(m: onnx.ModelProto, tokens: np.ndarray, past: int) -> dict[str, np.ndarray]:
+    """A KV-cache export run as exported: tokens[:past] with an empty past, then the rest with the
+    presents fed back as the past (the cache grows by Concat). The last call's outputs."""
+    from passes.testing import run_model
+
+    heads, depth = (_cache_inputs(m)[0].type.tensor_type.shape.dim[i].dim_value for i in (1, 3))
+    caches = {v.name: np.zeros((1, heads, 0, depth), np.float32) for v in _cache_inputs(m)}
+    out: dict[str, np.ndarray] = {}
+    for begin, end in ((0, past), (past, len(tokens))):
+        if begin == end:
+            continue
+        feeds = {"input_ids": tokens[None, begin:end], "attention_mask": np.ones((1, end), np.int64),
+                 "position_ids": np.arange(begin, end, dtype=np.int64)[None]} | caches
+        out = run_model(m, feeds)
+        caches = {name: out[name.replace("past_key_values", "present")] for name in caches}
+    return out
+
+
+def run_static_cache(m: onnx.ModelProto, tokens: np.ndarray, past: int, capacity: int,
+                     seed: int = 7) -> dict[str, np.ndarray]:
+    """The same two calls on a `static-kv-cache` graph: a fixed cache whose unused slots hold seeded
+    garbage (they must not matter), the new tokens written at `cache_position`."""
+    from passes.testing import run_model
+    from passes.transforms.static_kv_cache import CACHE_POSITION
+
+    rng = np.random.default_rng(seed)
+    caches = {v.name: rng.standard_normal([1, *(d.dim_value for d in v.type.tensor_type.shape.dim[1:])])
+              .astype(np.float32) for v in _cache_inputs(m)}
+    out: dict[str, np.ndarray] = {}
+    for begin, end in ((0, past), (past, len(tokens))):
+        if begin == end:
+            continue
+        mask = np.zeros((1, capacity), np.int64)
+        mask[0, :end] = 1
+        positions = np.arange(begin, end, dtype=np.int64)
+        feeds = {"input_ids": tokens[None, begin:end], "attention_mask": mask, "position_ids": positions[None],
+                 CACHE_POSITION: positions} | caches
+        out = run_model(m, feeds)
+        caches = {name: out[name.replace("past_key_values", "present")] for name in caches}
+    return out

@@ -9,6 +9,7 @@ interface), even when unused. Initializers nothing reads are dropped when the gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
@@ -30,8 +31,10 @@ class EliminateDeadCode(Pass):
         return PassResult(graph, bool(dead), {"nodes_removed": len(dead)})
 
 
-def live_node_ids(graph: gs.Graph) -> set[int]:
-    """Ids of the nodes some graph output (transitively) depends on."""
+def live_node_ids(graph: gs.Graph, reads: Callable[[gs.Node], list[gs.Tensor]] | None = None) -> set[int]:
+    """Ids of the nodes some graph output (transitively) depends on. `reads` says which tensors a node
+    depends on (default: its inputs and the outer-scope tensors its subgraphs read); a rewrite asks what
+    would stay live once it replaced some inputs."""
     live: set[int] = set()
     pending = list(graph.outputs)
     seen: set[int] = set()
@@ -44,6 +47,5 @@ def live_node_ids(graph: gs.Graph) -> set[int]:
         if node is None or id(node) in live:
             continue
         live.add(id(node))
-        pending.extend(node.inputs)
-        pending.extend(ir.outer_scope_inputs(node))
+        pending.extend(reads(node) if reads is not None else [*node.inputs, *ir.outer_scope_inputs(node)])
     return live

@@ -74,10 +74,7 @@ class PackMatmulWeights(Pass):
             self._pack_rows(graph, node, ctx)
             return
         out = node.outputs[0]
-        depth, columns = (int(d) for d in weight.shape)
-        panels = columns // self.panel
-        values = np.asarray(weight.values)
-        layout = np.ascontiguousarray(values.reshape(depth, panels, self.panel).transpose(1, 0, 2))
+        columns, panels, layout = self._panels(weight)
         rank = len(x.shape)
         batch = [panels] if rank <= 3 else [1] * (rank - 3) + [panels]  # x's leading 1s broadcast against P
         product = gs.Variable(ctx.fresh(f"{out.name}/panels"), dtype=out.dtype, shape=[*batch, 1, self.panel])
@@ -90,14 +87,19 @@ class PackMatmulWeights(Pass):
         position = next(i for i, n in enumerate(graph.nodes) if n is node)  # by identity: Node.__eq__ compares
         graph.nodes.insert(position + 1, reshape)
 
+    def _panels(self, weight: gs.Constant) -> tuple[int, int, np.ndarray]:
+        """(N, N / t, P[N / t, K, t]) with P[p, k, j] = W[k, p*t + j]."""
+        depth, columns = (int(d) for d in weight.shape)
+        panels = columns // self.panel
+        values = np.asarray(weight.values)
+        return columns, panels, np.ascontiguousarray(values.reshape(depth, panels, self.panel).transpose(1, 0, 2))
+
     def _pack_rows(self, graph: gs.Graph, node: gs.Node, ctx: RewriteContext) -> None:
         """x[.., S, K] @ W -> Reshape(Transpose(Unsqueeze(x, -3) @ P, swap -3 -2), [.., S, N])."""
         x, weight = node.inputs
         out = node.outputs[0]
-        depth, columns = (int(d) for d in weight.shape)
-        panels = columns // self.panel
-        values = np.asarray(weight.values)
-        layout = np.ascontiguousarray(values.reshape(depth, panels, self.panel).transpose(1, 0, 2))
+        columns, panels, layout = self._panels(weight)
+        depth = int(weight.shape[0])
         rank = len(x.shape)
         lead, rows = list(x.shape[:-2]), x.shape[-2]
         wide = gs.Variable(ctx.fresh(f"{x.name}/rows"), dtype=x.dtype, shape=[*lead, 1, rows, depth])

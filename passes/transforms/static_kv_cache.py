@@ -253,22 +253,11 @@ def _downstream(graph: gs.Graph, nodes: list[gs.Node]) -> set[int]:
 
 def _live_ids(graph: gs.Graph, masked: list[tuple[gs.Tensor, gs.Node]]) -> set[int]:
     """Nodes the outputs would still depend on once each mask operand is replaced by the new bias."""
+    from passes.transforms.eliminate_dead_code import live_node_ids
+
     keep_only = {id(apply): scores for scores, apply in masked}
-    live: set[int] = set()
-    stack = [t for t in graph.outputs]
-    seen: set[int] = set()
-    while stack:
-        tensor = stack.pop()
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        node = ir.producer(tensor)
-        if node is None or id(node) in live:
-            continue
-        live.add(id(node))
-        reads = [keep_only[id(node)]] if id(node) in keep_only else [*node.inputs, *ir.outer_scope_inputs(node)]
-        stack.extend(reads)
-    return live
+    return live_node_ids(graph, lambda node: [keep_only[id(node)]] if id(node) in keep_only
+                         else [*node.inputs, *ir.outer_scope_inputs(node)])
 
 
 def _seq_dim(graph: gs.Graph, pair: CachePair) -> object:

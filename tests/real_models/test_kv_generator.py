@@ -18,45 +18,12 @@ import pytest
 
 from passes.deploy.generate import generate_tokens
 from passes.deploy.run import run_for_target
-from passes.testing import run_model
-from passes.transforms.static_kv_cache import CACHE_POSITION, StaticKvCache
-from tests.helpers import greedy_with_growing_cache
+from passes.transforms.static_kv_cache import StaticKvCache
+from tests.helpers import greedy_with_growing_cache, run_growing_cache, run_static_cache
 
 pytestmark = pytest.mark.slow
 
 RTOL = 1e-4
-
-
-def _growing(m: onnx.ModelProto, tokens: np.ndarray, past: int) -> dict[str, np.ndarray]:
-    caches = {v.name: np.zeros((1, v.type.tensor_type.shape.dim[1].dim_value, 0, v.type.tensor_type.shape.dim[3].dim_value),
-                               np.float32) for v in m.graph.input if v.name.startswith("past")}
-    out: dict[str, np.ndarray] = {}
-    for begin, end in ((0, past), (past, len(tokens))):
-        if begin == end:
-            continue
-        feeds = {"input_ids": tokens[None, begin:end], "attention_mask": np.ones((1, end), np.int64),
-                 "position_ids": np.arange(begin, end, dtype=np.int64)[None]} | caches
-        out = run_model(m, feeds)
-        caches = {name: out[name.replace("past_key_values", "present")] for name in caches}
-    return out
-
-
-def _static(m: onnx.ModelProto, tokens: np.ndarray, past: int, capacity: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(3)  # garbage in the unused slots must not matter
-    caches = {v.name: rng.standard_normal([1, *(d.dim_value for d in v.type.tensor_type.shape.dim[1:])]).astype(np.float32)
-              for v in m.graph.input if v.name.startswith("past")}
-    out: dict[str, np.ndarray] = {}
-    for begin, end in ((0, past), (past, len(tokens))):
-        if begin == end:
-            continue
-        mask = np.zeros((1, capacity), np.int64)
-        mask[0, :end] = 1
-        positions = np.arange(begin, end, dtype=np.int64)
-        feeds = {"input_ids": tokens[None, begin:end], "attention_mask": mask, "position_ids": positions[None],
-                 CACHE_POSITION: positions} | caches
-        out = run_model(m, feeds)
-        caches = {name: out[name.replace("past_key_values", "present")] for name in caches}
-    return out
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
@@ -68,7 +35,7 @@ def test_static_cache_reproduces_the_exports_growing_cache(real_kv_export: Calla
     assert result.modified and result.stats["caches"] == 4 and result.stats["masks_replaced"] == 2
     tokens = np.random.default_rng(0).integers(0, 256, 13).astype(np.int64)
     for past in (0, 9, 12):
-        expected, got = _growing(original, tokens, past), _static(result.model, tokens, past, 24)
+        expected, got = run_growing_cache(original, tokens, past), run_static_cache(result.model, tokens, past, 24, seed=3)
         scale = float(np.abs(expected["logits"]).max())
         np.testing.assert_allclose(got["logits"], expected["logits"], rtol=RTOL, atol=1e-4 * scale)
 

@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from passes.samples import build_sample
-from passes.testing import run_model
 from passes.transforms.static_kv_cache import CACHE_POSITION, StaticKvCache
-from tests.helpers import init, model, tensor
+from tests.helpers import init, model, run_growing_cache, run_static_cache, tensor
 
 RTOL = 1e-5
 
@@ -29,48 +28,10 @@ def _sample(idiom: str = "torchscript", kv_heads: int = 2, layers: int = 2, seed
     return build_sample("tiny-llama", idiom=idiom, kv_cache=True, kv_heads=kv_heads, layers=layers, seed=seed)
 
 
-def _caches(m: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    return [v for v in m.graph.input if v.name.startswith("past_key_values")]
-
-
-def _original(m: onnx.ModelProto, tokens: np.ndarray, past: int) -> dict[str, np.ndarray]:
-    """Prefill tokens[:past] with an empty past, then the rest with the presents as the past."""
-    heads, depth = (_caches(m)[0].type.tensor_type.shape.dim[i].dim_value for i in (1, 3))
-    caches = {v.name: np.zeros((1, heads, 0, depth), np.float32) for v in _caches(m)}
-    out: dict[str, np.ndarray] = {}
-    for begin, end in ((0, past), (past, len(tokens))):
-        if begin == end:
-            continue
-        feeds = {"input_ids": tokens[None, begin:end], "attention_mask": np.ones((1, end), np.int64),
-                 "position_ids": np.arange(begin, end, dtype=np.int64)[None]} | caches
-        out = run_model(m, feeds)
-        caches = {name: out[name.replace("past_key_values", "present")] for name in caches}
-    return out
-
-
-def _static(m: onnx.ModelProto, tokens: np.ndarray, past: int, capacity: int, seed: int = 7) -> dict[str, np.ndarray]:
-    """The same two calls against a fixed cache; unused slots hold seeded garbage."""
-    rng = np.random.default_rng(seed)
-    caches = {v.name: rng.standard_normal([d.dim_value for d in v.type.tensor_type.shape.dim[1:]])[None]
-              .astype(np.float32) for v in _caches(m)}
-    out: dict[str, np.ndarray] = {}
-    for begin, end in ((0, past), (past, len(tokens))):
-        if begin == end:
-            continue
-        mask = np.zeros((1, capacity), np.int64)
-        mask[0, :end] = 1
-        positions = np.arange(begin, end, dtype=np.int64)
-        feeds = {"input_ids": tokens[None, begin:end], "attention_mask": mask, "position_ids": positions[None],
-                 CACHE_POSITION: positions} | caches
-        out = run_model(m, feeds)
-        caches = {name: out[name.replace("past_key_values", "present")] for name in caches}
-    return out
-
-
 def _assert_same(original: onnx.ModelProto, static: onnx.ModelProto, past: int, chunk: int, capacity: int,
                  seed: int = 0) -> None:
     tokens = np.random.default_rng(seed).integers(0, 256, past + chunk).astype(np.int64)
-    expected, got = _original(original, tokens, past), _static(static, tokens, past, capacity)
+    expected, got = run_growing_cache(original, tokens, past), run_static_cache(static, tokens, past, capacity)
     scale = float(np.abs(expected["logits"]).max())
     np.testing.assert_allclose(got["logits"], expected["logits"], rtol=RTOL, atol=1e-5 * scale)
     for name, value in expected.items():

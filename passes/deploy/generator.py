@@ -15,6 +15,7 @@ prompt prefilled in chunks and a few decode steps, logits within a tolerance sca
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -68,12 +69,14 @@ def prepare_generator(load: Callable[[], onnx.ModelProto], target: Any, *, conte
         raise GeneratorError(f"cannot build a generator: {reason}")
     model, pipeline_report = canonical.model, canonical.report
     del canonical
+    gc.collect()
     shapes = {phase: phase_shapes(model, 1, size, capacity) for phase, size in (("prefill", chunk), ("decode", 1))}
     if settings.scheme != "none":
         on_stage("quantizing (smoothing, calibration, SQNR)")
     quantized, quantization = _quantize(model, target, settings, shapes["prefill"])
     float_model = model if quantization is not None and check_here else None
     del model
+    gc.collect()  # the quantizer's sessions and graphs hold copies of the float weights in cycles
     phases = {}
     for phase, bound in shapes.items():
         on_stage(f"freezing the {phase} graph")
@@ -84,6 +87,7 @@ def prepare_generator(load: Callable[[], onnx.ModelProto], target: Any, *, conte
         on_stage("running the reference: onnxruntime, prefill and decode")
         plan = reference_plan(spec, quantized, float_model)
     del float_model
+    gc.collect()
     bound_dims = [BoundDim("past_key_values", 2, "context", capacity, "--context" if context else "target defaults.context"),
                   BoundDim("input_ids", 1, "seq", chunk, "--prefill-chunk" if prefill_chunk else "target defaults.prefill_chunk")]
     return {"model": quantized, "phases": phases, "shapes": shapes, "capacity": capacity, "chunk": chunk,

@@ -221,6 +221,8 @@ class PassManager:
     #: node-identity check, as compilers keep their expensive checks for their own tests.
     check_contracts: bool | None = None
     instruments: Sequence[Instrument] = ()
+    #: the last run's graph held more than HEAVY_BYTES of constants (collected as soon as it ends)
+    _heavy: bool = field(default=False, init=False, repr=False, compare=False)
 
     def resolved_pipeline(self) -> Pipeline:
         return with_input_shapes(as_pipeline(self.pipeline), self.input_shapes)
@@ -252,6 +254,8 @@ class PassManager:
         finally:
             if collecting:
                 gc.enable()
+            if self._heavy:
+                gc.collect()  # the run's graph holds the input's weights (and replaced ones) in cycles
 
     def _run(self, model: onnx.ModelProto) -> RunResult:
         pipeline = self.resolved_pipeline()
@@ -263,6 +267,7 @@ class PassManager:
         for instrument in instruments:
             instrument.before_pipeline(model, report)
         heavy = sum(ir.constant_nbytes(t) for t in ir.tensor_map(graph).values() if type(t) is gs.Constant) > HEAVY_BYTES
+        self._heavy = heavy
         _Runner(graph, report, instruments, self._full_contracts(), ops=histogram, heavy=heavy).run_elements(
             pipeline.elements, None)
         result = ir.export_model(graph)

@@ -68,7 +68,20 @@ def graph_skeleton(graph: gs.Graph) -> bytes:
     pieces.extend(_field(_OUTPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
                   for t in graph.outputs)
     pieces.extend(_constant_piece(t, cache) for t in constants.values() if not isinstance(t._values, SparseValues))
+    _forget_the_dead(graph, cache, constants)
     return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
+
+
+def _forget_the_dead(graph: gs.Graph, cache: _Cache, constants: dict[str, gs.Constant]) -> None:
+    """Drop the cache entries of nodes and constants the graph no longer has: an entry pins its object,
+    and a replaced weight (loaded by the pass that replaced it) would stay in memory with the graph."""
+    live_constants = {id(t) for t in constants.values()}
+    for key in [key for key in cache[1] if key not in live_constants]:
+        del cache[1][key]
+    if len(cache[0]) > len(graph.nodes):
+        live_nodes = {id(n) for n in graph.nodes}
+        for key in [key for key in cache[0] if key not in live_nodes]:
+            del cache[0][key]
 
 
 def node_pieces(graph: gs.Graph) -> bytes:

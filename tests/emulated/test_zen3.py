@@ -2,7 +2,7 @@
 AVX-512, no VNNI), whatever CPU runs the suite: there onnxruntime's u8 x s8 MatMulInteger saturates
 (which is why it is not the oracle), the exact reference does not, the host target detects `znver3`,
 its int8 matmuls go to the `x86-avx2` kernel, and the built model equals the exact reference and numpy
-bit for bit. One subprocess, about a minute under emulation.
+bit for bit; the CPU W8A16 kernel runs there too. One subprocess, about a minute under emulation.
 """
 
 from __future__ import annotations
@@ -37,3 +37,4 @@ def test_zen3_avx2_paths_run_exact_under_emulation() -> None:
     assert found["onnxruntime"] != found["true"], "onnxruntime did not saturate: the emulated CPU has VNNI?"
     assert found["reference"] == found["true"]
     assert found["build_exact"] and found["build_numpy"]
+    assert found["w8a16_close"]  # the CPU W8A16 kernel's float vectors and int8 widening on AVX2

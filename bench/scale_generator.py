@@ -36,6 +36,14 @@ def build_export(folder: Path) -> tuple[Path, int]:
     return path, parameters
 
 
+def _parameters(path: Path) -> int:
+    import numpy as np
+    import onnx
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
 def run_target(model: Path, target: str, out: Path, args: argparse.Namespace) -> dict[str, object]:
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "passes.cli", "run", str(model), "--target", target,
                "-o", str(out), "--context", str(args.context), "--prefill-chunk", str(args.prefill_chunk),
@@ -53,8 +61,9 @@ def run_target(model: Path, target: str, out: Path, args: argparse.Namespace) ->
         row["host_check"] = report["host_check"]
         row["quantization"] = (report["quantization"] or {}).get("scheme")
     else:
-        row["error"] = [line for line in done.stderr.splitlines() if line.startswith("error")][:1] or \
-            done.stderr.splitlines()[-3:]
+        lines = done.stderr.splitlines()
+        row["error"] = [line for line in lines if line.startswith("error")][:1] or \
+            [line for line in lines if "signal" in line or "Exit status" in line] or lines[-25:]
     return row
 
 
@@ -65,17 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=64)
     parser.add_argument("--quantize", default="auto")
     parser.add_argument("--json", type=Path, default=Path("out/scale.json"))
+    parser.add_argument("--keep", type=Path, default=None, help="build (or reuse) the export in this folder")
     args = parser.parse_args(argv)
     from int8_gemm import _cpu
     from rich.console import Console
     from rich.table import Table
 
     with tempfile.TemporaryDirectory(prefix="passes-scale-") as scratch:
-        folder = Path(scratch)
+        folder = args.keep or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        model, parameters = build_export(folder)
+        if (folder / "tinyllama-kv.onnx").is_file():
+            model = folder / "tinyllama-kv.onnx"
+            parameters = _parameters(model)
+        else:
+            model, parameters = build_export(folder)
         export_s = time.perf_counter() - started
-        rows = [run_target(model, target, folder / "out", args) for target in args.targets]
+        rows = [run_target(model, target, Path(scratch) / "out", args) for target in args.targets]
     table = Table(title=f"passes run on a {parameters / 1e9:.2f}B-parameter Llama KV export ({_cpu()['model']}, "
                         f"context {args.context}, prefill chunk {args.prefill_chunk}; export built in {export_s:.0f} s)")
     for column in ("target", "ok", "wall", "peak RSS", "params/", "model.tar", "host check"):

@@ -82,8 +82,9 @@ def _param_uses(func: relax.Function) -> dict[int, int]:
 
 def _write_kernel(data: Sequence[int], rows: Sequence[int], axis: int, dtype: str, index_dtype: str,
                   gpu: bool) -> tirx.PrimFunc:
-    """cache[.., slots[i], ..] = new[i] for every index i of `rows` (the slot replaces axis `axis`).
-    CPU: plain nested loops; GPU: one thread per element, `_GPU_THREADS` to a work-group."""
+    """cache[.., slots[i], ..] = new[i] for every index i of `rows` (the slot replaces axis `axis`); a slot
+    outside the cache writes nothing. CPU: plain nested loops; GPU: one thread per element,
+    `_GPU_THREADS` to a work-group."""
     from tvm.script import from_source
 
     rank = len(rows)
@@ -92,9 +93,11 @@ def _write_kernel(data: Sequence[int], rows: Sequence[int], axis: int, dtype: st
     at = ", ".join(f"slots[{where}]" if k == axis else name for k, name in enumerate(names))
     signature = (f"cache: T.Buffer({tuple(data)}, \"{dtype}\"), slots: T.Buffer({tuple(rows)}, \"{index_dtype}\"), "
                  f"new: T.Buffer({tuple(rows)}, \"{dtype}\")")
+    inside = f"T.likely(slots[{where}] >= 0) and T.likely(slots[{where}] < {data[axis]})"  # no write out of bounds
     if not gpu:
         body = (f"    for {where} in T.grid({', '.join(map(str, rows))}):\n"
-                f"        cache[{at}] = new[{where}]\n")
+                f"        if {inside}:\n"
+                f"            cache[{at}] = new[{where}]\n")
     else:
         total = 1
         for extent in rows:
@@ -108,7 +111,8 @@ def _write_kernel(data: Sequence[int], rows: Sequence[int], axis: int, dtype: st
                 f"        for lane in T.thread_binding({_GPU_THREADS}, thread=\"threadIdx.x\"):\n"
                 f"          flat = group * {_GPU_THREADS} + lane\n"
                 f"          if flat < {total}:\n" + "".join(unflatten) +
-                f"            cache[{at}] = new[{where}]\n")
+                f"            if {inside}:\n"
+                f"                cache[{at}] = new[{where}]\n")
     source = ("# from tvm.script import tirx as T\n@T.prim_func(private=True)\n"
               f"def kv_cache_write({signature}):\n"
               "    T.func_attr({\"tirx.noalias\": True})\n" + body)

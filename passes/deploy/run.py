@@ -205,10 +205,10 @@ def _run_generator(model_path: str | os.PathLike[str], target: Any, final_dir: P
 
 def _runs_here(target: Any) -> bool:
     """Whether the target is this machine's CPU (its build is run and checked here)."""
-    from passes.lowering._build import is_this_machine
+    from passes.lowering._build import runs_here
     from passes.lowering._lower import _tvm_target
 
-    return target.backend == "llvm" and is_this_machine(_tvm_target(target))
+    return runs_here(target.backend, _tvm_target(target))
 
 
 def missing_ops(before: Mapping[str, int], after: Mapping[str, int], target: Any) -> list[dict[str, str]]:

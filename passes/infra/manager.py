@@ -221,8 +221,6 @@ class PassManager:
     #: node-identity check, as compilers keep their expensive checks for their own tests.
     check_contracts: bool | None = None
     instruments: Sequence[Instrument] = ()
-    #: the last run's graph held more than HEAVY_BYTES of constants (collected as soon as it ends)
-    _heavy: bool = field(default=False, init=False, repr=False, compare=False)
 
     def resolved_pipeline(self) -> Pipeline:
         return with_input_shapes(as_pipeline(self.pipeline), self.input_shapes)
@@ -250,14 +248,17 @@ class PassManager:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._run(model)
+            result, heavy = self._run(model)
         finally:
             if collecting:
                 gc.enable()
-            if self._heavy:
-                gc.collect()  # the run's graph holds the input's weights (and replaced ones) in cycles
+        if heavy:
+            gc.collect()  # the run's graph held the input's weights (and replaced ones) in cycles
+        return result
 
-    def _run(self, model: onnx.ModelProto) -> RunResult:
+    def _run(self, model: onnx.ModelProto) -> tuple[RunResult, bool]:
+        """The run, and whether the graph's constants passed HEAVY_BYTES (the caller then collects the
+        graph's cycles as soon as it is gone)."""
         pipeline = self.resolved_pipeline()
         instruments = self._instruments()
         start = time.perf_counter()
@@ -267,7 +268,6 @@ class PassManager:
         for instrument in instruments:
             instrument.before_pipeline(model, report)
         heavy = sum(ir.constant_nbytes(t) for t in ir.tensor_map(graph).values() if type(t) is gs.Constant) > HEAVY_BYTES
-        self._heavy = heavy
         _Runner(graph, report, instruments, self._full_contracts(), ops=histogram, heavy=heavy).run_elements(
             pipeline.elements, None)
         result = ir.export_model(graph)
@@ -276,7 +276,7 @@ class PassManager:
         for instrument in instruments:
             instrument.after_pipeline(result, report)
         report.wall_s = time.perf_counter() - start
-        return RunResult(result, report)
+        return RunResult(result, report), heavy
 
 
 @dataclass

@@ -50,7 +50,7 @@ class BuiltModel:
     @property
     def runs_here(self) -> bool:
         """True when the target is this machine's CPU (an llvm target for this architecture and OS)."""
-        return self.lowered.backend == "llvm" and is_this_machine(self.lowered.tvm_target)
+        return runs_here(self.lowered.backend, self.lowered.tvm_target)
 
     def device_source(self) -> str:
         """The whole source of the GPU device module ('' for CPU targets)."""
@@ -169,6 +169,11 @@ def _feed(spec: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         raise LoweringError(f"feed {spec.name!r} is {value.dtype}{list(value.shape)}; "
                             f"the model takes {spec.dtype}{list(spec.shape)}")
     return value
+
+
+def runs_here(backend: str, tvm_target: tvm.target.Target) -> bool:
+    """Whether a build for this back end and TVM target runs on this machine's CPU."""
+    return backend == "llvm" and is_this_machine(tvm_target)
 
 
 def is_this_machine(tvm_target: tvm.target.Target) -> bool:

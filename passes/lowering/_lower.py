@@ -98,7 +98,7 @@ def lower_generator(phases: Mapping[str, onnx.ModelProto], target: Any, tuning: 
     if not phases:
         raise LoweringError("a generator needs at least one phase")
     with native_stderr_to_log():
-        return _lower(dict(phases), target, tuning, generator=True)
+        return _lower(dict(phases), target, tuning)
 
 
 def _import_phases(phases: Mapping[str, onnx.ModelProto], target: Any) -> tuple[tvm.IRModule, dict, Any]:
@@ -114,8 +114,8 @@ def _import_phases(phases: Mapping[str, onnx.ModelProto], target: Any) -> tuple[
     return tvm.IRModule(functions), entries, imported
 
 
-def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tuning: Any,
-           generator: bool = False) -> LoweredModel:
+def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tuning: Any) -> LoweredModel:
+    """One model, or a generator's phases (a dict: one function each, weights lifted out of the code)."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     entries: dict = {}
@@ -151,7 +151,7 @@ def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tun
         raise LoweringError(f"scheduling for target {target.name!r} failed: {last_line(err)}") from err
     seconds["schedule"] = time.perf_counter() - started
     weights: dict[str, Any] = {}
-    if generator:
+    if entries:
         scheduled, weights = lift_weights(scheduled)
     logger.info("lowered for %s: %d kernels, %d int8 matmuls", target.name, len(references), imported.int8_matmuls)
     return LoweredModel(scheduled, references, target.name, target.backend, target.device, tvm_target,

@@ -91,8 +91,20 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder, k
     rows, depth, cols = int(np.prod(shape[:-1])), shape[-1], weight.shape[1]
     if min(rows, depth, cols) < 1:
         return None
-    if target.backend == "llvm":
-        return _cpu_kernel_call(activation, shape, weight, scale, builder, kernels)
+    chosen = _cpu_kernel if target.backend == "llvm" else _metal_kernel
+    found = chosen(rows, depth, cols, dtype, weight, target, builder, kernels)
+    if found is None:
+        return None
+    kernel, packed = found
+    flat = activation if len(shape) == 2 else relax.op.reshape(activation, (rows, depth))
+    result = relax.call_tir(kernel, [flat, relax.const(packed), relax.const(scale)],
+                            relax.TensorType((rows, cols), dtype))
+    return result if len(shape) == 2 else relax.op.reshape(result, (*shape[:-1], cols))
+
+
+def _metal_kernel(rows: int, depth: int, cols: int, dtype: str, weight: np.ndarray, target: Any,
+                  builder: relax.BlockBuilder, kernels: _Kernels) -> tuple[tvm.ir.GlobalVar, np.ndarray]:
+    """The Metal kernel (the target's GEMV tiles for one row, GEMM tiles otherwise) and its packed weight."""
     tiles = metal_w8a16.tiles_from_target(target, rows)
     key = (rows, depth, cols, dtype)
     if key not in kernels:
@@ -100,31 +112,22 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder, k
         name = f"{KERNEL_PREFIX}_{kind}_m{rows}_k{depth}_n{cols}_{dtype}"
         gvar = builder.add_func(marked(metal_w8a16.w8a16_matmul(rows, depth, cols, tiles, dtype)), name)
         kernels[key] = (gvar, gvar.name_hint, metal_w8a16.w8a16_compute(rows, depth, cols, tiles, dtype))
-    kernel = kernels[key][0]
-    flat = activation if len(shape) == 2 else relax.op.reshape(activation, (rows, depth))
-    packed = metal_w8a16.pack_weights(weight, tiles)
-    result = relax.call_tir(kernel, [flat, relax.const(packed), relax.const(scale)],
-                            relax.TensorType((rows, cols), dtype))
-    return result if len(shape) == 2 else relax.op.reshape(result, (*shape[:-1], cols))
+    return kernels[key][0], metal_w8a16.pack_weights(weight, tiles)
 
 
-def _cpu_kernel_call(activation: relax.Expr, shape: tuple[int, ...], weight: np.ndarray, scale: np.ndarray,
-                     builder: relax.BlockBuilder, kernels: _Kernels) -> relax.Expr | None:
-    """The CPU kernel: float32 activations only, columns a multiple of a panel width."""
-    rows, depth, cols = int(np.prod(shape[:-1])), shape[-1], weight.shape[1]
+def _cpu_kernel(rows: int, depth: int, cols: int, dtype: str, weight: np.ndarray, target: Any,
+                builder: relax.BlockBuilder, kernels: _Kernels) -> tuple[tvm.ir.GlobalVar, np.ndarray] | None:
+    """The CPU kernel and its packed weight: float32 activations only, columns a multiple of a panel."""
+    del target  # the panel width follows from the columns alone
     panel = cpu_w8a16.panel_for(cols)
-    if panel is None or dtype_of(activation) != "float32":
+    if panel is None or dtype != "float32":
         return None
     key = (rows, depth, cols, "cpu")
     if key not in kernels:
         name = f"{CPU_KERNEL_PREFIX}_m{rows}_k{depth}_n{cols}"
         gvar = builder.add_func(marked(cpu_w8a16.w8a16_matmul(rows, depth, cols, panel)), name)
         kernels[key] = (gvar, gvar.name_hint, cpu_w8a16.w8a16_compute(rows, depth, cols, panel))
-    flat = activation if len(shape) == 2 else relax.op.reshape(activation, (rows, depth))
-    packed = cpu_w8a16.pack_weights(weight, panel)
-    result = relax.call_tir(kernels[key][0], [flat, relax.const(packed), relax.const(scale)],
-                            relax.TensorType((rows, cols), "float32"))
-    return result if len(shape) == 2 else relax.op.reshape(result, (*shape[:-1], cols))
+    return kernels[key][0], cpu_w8a16.pack_weights(weight, panel)
 
 
 def _dequantized_weight(expr: relax.Expr, bindings: dict) -> tuple[np.ndarray, np.ndarray] | None:

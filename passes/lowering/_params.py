@@ -22,6 +22,7 @@ import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
@@ -39,23 +40,26 @@ def lift_weights(module: tvm.IRModule, min_bytes: int = MIN_LIFTED_BYTES) -> tup
     and {parameter name: value}. Equal constants (dtype, shape, bytes) become one parameter."""
     table: dict[tuple, str] = {}
     weights: dict[str, np.ndarray] = {}
+    names: dict[Any, str] = {}  # each constant object -> its parameter (read and hashed once)
     functions = [(gvar, func) for gvar, func in module.functions_items() if isinstance(func, relax.Function)]
     for _, func in functions:
         def visit(expr: relax.Expr) -> None:
-            if isinstance(expr, tvm.ir.GenericConst):  # (IntImm is a tvm.ir.Constant too)
-                value = expr.value.numpy()
-                if value.nbytes >= min_bytes:
+            if isinstance(expr, tvm.ir.GenericConst) and expr not in names:  # (IntImm is a tvm.ir.Constant too)
+                stored = expr.value
+                if int(np.prod(stored.shape, dtype=np.int64)) * np.dtype(str(stored.dtype)).itemsize >= min_bytes:
+                    value = stored.numpy()
                     key = _key(value)
                     if key not in table:
-                        table[key] = name = f"param_{len(table)}"
-                        weights[name] = value
+                        table[key] = f"param_{len(table)}"
+                        weights[table[key]] = value
+                    names[expr] = table[key]
 
         relax.analysis.post_order_visit(func.body, visit)
     if not weights:
         return module, {}
     updated = tvm.IRModule(dict(module.functions_items()), attrs=module.attrs)
     for gvar, func in functions:
-        lifted = _Lifter(table, weights, min_bytes)
+        lifted = _Lifter(names, weights)
         body = lifted.visit_expr(func.body)
         params = [*func.params, *(lifted.vars[name] for name in weights)]
         updated[gvar] = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
@@ -64,17 +68,15 @@ def lift_weights(module: tvm.IRModule, min_bytes: int = MIN_LIFTED_BYTES) -> tup
 
 @relax.expr_functor.mutator
 class _Lifter(relax.PyExprMutator):
-    def __init__(self, table: Mapping[tuple, str], weights: Mapping[str, np.ndarray], min_bytes: int) -> None:
+    def __init__(self, names: Mapping[Any, str], weights: Mapping[str, np.ndarray]) -> None:
         super().__init__()
-        self.table, self.min_bytes = table, min_bytes
+        self.names = names
         self.vars = {name: relax.Var(name, relax.TensorType(value.shape, str(value.dtype)))
                      for name, value in weights.items()}
 
     def visit_generic_const_(self, const: tvm.ir.GenericConst) -> relax.Expr:  # noqa: N802 (TVM's naming)
-        value = const.value.numpy()
-        if value.nbytes < self.min_bytes:
-            return const
-        return self.vars[self.table[_key(value)]]
+        name = self.names.get(const)
+        return const if name is None else self.vars[name]
 
 
 def _key(value: np.ndarray) -> tuple:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -105,3 +108,55 @@ def run_static_cache(m: onnx.ModelProto, tokens: np.ndarray, past: int, capacity
         out = run_model(m, feeds)
         caches = {name: out[name.replace("past_key_values", "present")] for name in caches}
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def rpc_tracker(logs: Path, key: str, servers: int = 1, timeout: float = 60.0) -> Iterator[tuple[Any, list[Path]]]:
+    """A TVM RPC tracker on loopback with `servers` RPC servers registered under `key` (each a process
+    logging to logs/server{i}.log); yields (Tracker, log paths) once all have registered."""
+    import subprocess
+    import sys
+    import time
+
+    from passes.lowering._rpc import Tracker, count_servers
+
+    tracker = Tracker("127.0.0.1", free_port(), key)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    processes = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                   "--port", str(tracker.port), "--port-end", str(tracker.port + 1)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                  start_new_session=True)]
+    paths = [Path(logs) / f"server{i}.log" for i in range(servers)]
+    try:
+        time.sleep(2.0)
+        for path in paths:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(free_port()),
+                 "--port-end", "65000", "--tracker", f"127.0.0.1:{tracker.port}", "--key", key],
+                stdout=path.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if count_servers(tracker) >= servers:
+                    break
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{servers} RPC servers did not register with the tracker")
+            time.sleep(0.5)
+        yield tracker, paths
+    finally:
+        import signal
+
+        for process in reversed(processes):  # the servers fork a process per session: kill the groups
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

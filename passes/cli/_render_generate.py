@@ -35,15 +35,18 @@ def generate_report(report: Any) -> None:
     console.print(f"prompt: {len(report.prompt_tokens)} tokens; generated {len(report.tokens)}: {report.tokens}")
     if report.text is not None:
         console.print(f"text: {report.text!r}")
-    table = Table(title=f"speed ({report.threads} threads)", title_justify="left")
+    where = (f"this machine, {report.threads} threads" if report.threads is not None
+             else f"{report.ran_on}; device time per step, RPC round trips not counted")
+    table = Table(title=f"speed ({where})", title_justify="left")
     for column in ("", "prefill tok/s", "decode tok/s", "decode P50 ms", "decode P90 ms"):
         table.add_column(column, justify="right" if column else "left")
-    rows = [("passes (TVM)", build)] + ([("onnxruntime", reference)] if reference else [])
+    rows = [("passes (TVM)", build)] + ([("onnxruntime (this machine)", reference)] if reference else [])
     for name, data in rows:
         table.add_row(name, f"{data['prefill_tokens_per_s']:.1f}", f"{data['decode_tokens_per_s']:.1f}",
                       f"{data['decode_latency_ms']['p50']:.2f}", f"{data['decode_latency_ms']['p90']:.2f}")
     console.print(table)
-    console.print(f"peak memory: {build['peak_rss_mb']:.0f} MB")
+    if build["peak_rss_mb"] is not None:
+        console.print(f"peak memory: {build['peak_rss_mb']:.0f} MB")
     if reference is not None:
         if reference["tokens_equal"]:
             console.print("tokens: [green]equal[/green] to onnxruntime's on the same graph")

@@ -147,14 +147,24 @@ def run(model: Path, target_spec: str, output: Path, shapes: Sequence[str], pipe
               help="A tokenizer.json, or the folder holding it (for --prompt, and to print the reply).")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--no-compare", is_flag=True, help="Skip onnxruntime's run of the same graph (tokens and speed).")
+@click.option("--tracker", default=None, metavar="HOST:PORT",
+              help="Run on a device registered with this TVM RPC tracker (no authentication: trusted networks only).")
+@click.option("--key", default=None, help="Device key the RPC server registered with (with --tracker).")
+@click.option("--session-timeout", type=click.FloatRange(min=1), default=600, show_default=True, metavar="SECONDS",
+              help="How long the device session may last (with --tracker).")
 @_json_option
 @_debug_option
 def generate(folder: Path, prompt_ids: str | None, prompt: str | None, tokenizer: Path | None, max_new_tokens: int,
-             no_compare: bool, as_json: bool) -> None:
-    """Generate greedy tokens with a host generator build (FOLDER = `passes run` output for a KV-cache export)."""
+             no_compare: bool, tracker: str | None, key: str | None, session_timeout: float, as_json: bool) -> None:
+    """Generate greedy tokens with a generator build (FOLDER = `passes run` output for a KV-cache export):
+    a host build on this machine, any build on a phone through a TVM RPC tracker (--tracker, --key)."""
     from passes.cli import _render_generate, _status
     from passes.deploy.generate import GenerateError, generate_tokens
+    from passes.lowering._rpc import Tracker
 
+    if key is not None and tracker is None:
+        raise click.UsageError("--key needs --tracker HOST:PORT")
+    device = Tracker.parse(tracker, key) if tracker is not None else None
     ids = None
     if prompt_ids is not None:
         try:
@@ -162,10 +172,10 @@ def generate(folder: Path, prompt_ids: str | None, prompt: str | None, tokenizer
         except ValueError:
             raise GenerateError(f"--prompt-ids takes comma-separated integers, got {prompt_ids!r}") from None
     with _status.status(enabled=not as_json) as shown:
-        shown.stage(f"generating {max_new_tokens} tokens (and onnxruntime's, to compare)" if not no_compare
-                    else f"generating {max_new_tokens} tokens")
+        shown.stage(f"loading the generator in {folder}")
         report = generate_tokens(folder, prompt_ids=ids, prompt=prompt, tokenizer=tokenizer,
-                                 max_new_tokens=max_new_tokens, compare=not no_compare)
+                                 max_new_tokens=max_new_tokens, compare=not no_compare, tracker=device,
+                                 session_timeout_s=session_timeout, on_stage=shown.stage)
     if as_json:
         _print_json(report.to_dict())
     else:
@@ -197,7 +207,8 @@ def tune(model: Path, target_spec: str, session: Path, trials: int, shapes: Sequ
          as_json: bool) -> None:
     """Autotune the kernels of MODEL for a target; resumable: run it again to go on from the records."""
     from passes.cli import _render_tune
-    from passes.tuning import SearchConfig, Tracker, TuneOptions
+    from passes.lowering._rpc import Tracker
+    from passes.tuning import SearchConfig, TuneOptions
     from passes.tuning import tune as tune_session
 
     if key is not None and tracker is None:

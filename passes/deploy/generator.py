@@ -39,6 +39,8 @@ CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-4
 CHECK_DECODE_STEPS = 3
 #: run on each phase once its shapes are frozen: attention reads grouped K/V heads in the cache itself
 PHASE_PASSES = "group-query-attention,cleanup"
+#: the TVM device a back end's functions run on (`generator.json`'s "device", for runs through RPC)
+RPC_DEVICES = {"llvm": "cpu", "opencl": "cl", "metal": "metal"}
 
 
 class GeneratorError(PassesError):
@@ -81,7 +83,7 @@ def prepare_generator(load: Callable[[], onnx.ModelProto], target: Any, *, conte
     for phase, bound in shapes.items():
         on_stage(f"freezing the {phase} graph")
         phases[phase] = PassManager(f"{target.pipeline},{PHASE_PASSES}", input_shapes=bound).run(quantized).model
-    spec = generator_spec(phases, capacity, chunk)
+    spec = generator_spec(phases, capacity, chunk, device=RPC_DEVICES[target.backend])
     plan = None
     if check_here:
         on_stage("running the reference: onnxruntime, prefill and decode")
@@ -164,7 +166,7 @@ def build_generator(prepared: Mapping[str, Any], target: Any, staging: Path, rep
     report.artifacts = {name: str(rel) for name, rel in sorted(written.items())}
 
 
-def generator_spec(phases: Mapping[str, onnx.ModelProto], capacity: int, chunk: int) -> Any:
+def generator_spec(phases: Mapping[str, onnx.ModelProto], capacity: int, chunk: int, device: str = "cpu") -> Any:
     """The generator's description, from the frozen phase graphs: inputs and outputs by ONNX name, caches
     paired input -> output by the ScatterElements writing them."""
     from passes.lowering._generate import GeneratorSpec
@@ -187,7 +189,8 @@ def generator_spec(phases: Mapping[str, onnx.ModelProto], capacity: int, chunk: 
 
     return GeneratorSpec(capacity, chunk, [p[0] for p in pairs], [p[1] for p in pairs], dims, str(dtype),
                          {phase: names(m.graph.input, m) for phase, m in phases.items()},
-                         {phase: [v.name for v in m.graph.output] for phase, m in phases.items()}, int(vocab))
+                         {phase: [v.name for v in m.graph.output] for phase, m in phases.items()}, int(vocab),
+                         device=device)
 
 
 def reference_plan(spec: Any, model: onnx.ModelProto, float_model: onnx.ModelProto | None) -> dict[str, Any]:

@@ -17,10 +17,13 @@ token, so no real token attends to them, and the next token overwrites them befo
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
+import os
 import resource
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ from passes.lowering._errors import LoweringError
 
 #: the generator's description beside the build
 SPEC_FILE = "generator.json"
+#: TVM encodes a remote device's type as its type + (session + 1) x this
+RPC_SESSION_MASK = 128
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class GeneratorSpec:
     outputs: dict[str, list[str]]  # phase -> output names in order (logits and the updated caches)
     vocab: int
     logits: str = "logits"
+    device: str = "cpu"  # where the functions run: "cpu", "cl" (OpenCL) or "metal" (TVM's device names)
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / SPEC_FILE
@@ -70,7 +76,7 @@ class Generation:
     prompt_tokens: int
     prefill_seconds: float
     decode_seconds: list[float] = field(default_factory=list)  # one per decoded token
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float | None = None  # this process's peak; None where the build ran elsewhere (RPC)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -112,24 +118,37 @@ class Generator(abc.ABC):
             raise LoweringError(f"{len(prompt)} prompt tokens + {max_new_tokens} new ones exceed the cache's "
                                 f"{self.spec.capacity} slots (build with a larger --context)")
         self.reset()
-        started = time.perf_counter()
         chunk = self.spec.prefill_chunk if "prefill" in self.spec.inputs else 1
+        prefill_seconds = 0.0
         for begin in range(0, len(prompt), chunk):
             piece = list(prompt[begin:begin + chunk])
-            logits = self.step("prefill" if "prefill" in self.spec.inputs else "decode", piece, begin)
-        result = Generation([], len(prompt), time.perf_counter() - started)
+            logits, seconds = self.timed_step("prefill" if "prefill" in self.spec.inputs else "decode", piece, begin)
+            prefill_seconds += seconds
+        result = Generation([], len(prompt), prefill_seconds)
         token = int(np.argmax(logits[-1]))
         position = len(prompt)
         while True:
             result.tokens.append(token)
             if len(result.tokens) >= max_new_tokens or token == eos:
                 break
-            started = time.perf_counter()
-            logits = self.step("decode", [token], position)
-            result.decode_seconds.append(time.perf_counter() - started)
+            logits, seconds = self.timed_step("decode", [token], position)
+            result.decode_seconds.append(seconds)
             token, position = int(np.argmax(logits[-1])), position + 1
-        result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.peak_rss_mb = self.peak_rss_mb()
         return result
+
+    def timed_step(self, phase: str, tokens: Sequence[int], start: int) -> tuple[np.ndarray, float]:
+        """`step` and the seconds it took (here: wall time around it)."""
+        started = time.perf_counter()
+        logits = self.step(phase, tokens, start)
+        return logits, time.perf_counter() - started
+
+    def peak_rss_mb(self) -> float | None:
+        """Peak memory of where the build runs: this process's maximum resident set."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def close(self) -> None:
+        """Release what the generator holds (a device session, for RPC runs)."""
 
     def feeds(self, phase: str, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
         """The non-cache inputs of `phase` for `tokens` at `start`, padded to the phase's chunk."""
@@ -239,3 +258,127 @@ class OrtGenerator(Generator):
         named = dict(zip(outputs, self._run(outputs, {name: feeds[name] for name in self._names})))
         self._caches = [named[name] for name in self.spec.cache_outputs]
         return named[self.spec.logits][0, :len(tokens)]
+
+
+class RemoteGenerator(Generator):
+    """A build run on a device behind a TVM RPC tracker (a phone running TVM's RPC server).
+
+    The library and the tensor cache are uploaded once per session; the device's own runtime loads the
+    weights (`vm.builtin.tensor_cache.load`, as an app does) and the caches live on the device between
+    steps, written in place there. Only the feeds go up and the logits come back per step. A step's time is
+    the device's (TVM's time evaluator around the VM call, after one untimed run of the same step: a step
+    writes the same cache slots with the same values, so running it twice changes nothing); the network's
+    round trips are not counted.
+
+    The library: `model.so` when the folder has one (host builds), else `model.tar` linked here with the
+    Android NDK when `TVM_NDK_CC` names its compiler, else `model.tar` as is, which a Python RPC server links
+    with its own compiler (Linux boards, Termux)."""
+
+    def __init__(self, session: Any, folder: Path, spec: GeneratorSpec,
+                 on_stage: Callable[[str], None] = lambda _: None) -> None:
+        super().__init__(spec)
+        from tvm import relax
+
+        from passes.lowering._params import INDEX
+
+        self._session = session
+        self.device = getattr(session, spec.device)(0)
+        with _library_for_device(folder, on_stage) as library:
+            on_stage(f"uploading {library.name}")
+            session.upload(str(library))
+        on_stage(f"loading {library.name} on the device")
+        module = session.load_module(library.name)
+        params = folder / "params"
+        index = json.loads((params / INDEX).read_text())
+        files = [params / INDEX, *(params / shard["dataPath"] for shard in index["records"])]
+        total = sum(path.stat().st_size for path in files)
+        sent = 0
+        for path in files:  # the RPC server's work folder is flat: the cache's files sit at its top
+            on_stage(f"uploading the weights ({sent / 2**20:.0f} of {total / 2**20:.0f} MB)")
+            session.upload(str(path), target=path.name)
+            sent += path.stat().st_size
+        on_stage("loading the weights on the device")
+        work = session.get_function("tvm.rpc.server.workpath")("")
+        local_type = self.device.dlpack_device_type() % RPC_SESSION_MASK  # the type as the device's runtime sees it
+        session.get_function("vm.builtin.tensor_cache.load")(work, local_type, self.device.index)
+        get = session.get_function("vm.builtin.tensor_cache.get")
+        order = index.get("metadata", {}).get("order") or [r["name"] for s in index["records"] for r in s["records"]]
+        self._weights = [get(name) for name in order]
+        session.get_function("vm.builtin.tensor_cache.clear")()  # the weights stay alive through our handles
+        self._vm = relax.VirtualMachine(module, self.device)
+        self._timers = {phase: self._vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=1)
+                        for phase in spec.inputs}
+        self._caches: list[Any] = []
+        self.reset()
+
+    @classmethod
+    def connect(cls, folder: Path, tracker: Any, timeout_s: float = 600.0,
+                on_stage: Callable[[str], None] = lambda _: None) -> RemoteGenerator:
+        from passes.lowering._rpc import request_session
+
+        folder = Path(folder)
+        spec = GeneratorSpec.load(folder)
+        on_stage(f"asking the tracker {tracker} for a device")
+        return cls(request_session(tracker, timeout_s), folder, spec, on_stage)
+
+    def reset(self) -> None:
+        import tvm
+
+        self._caches = [tvm.runtime.tensor(np.zeros(self.spec.cache_shape, self.spec.cache_dtype), self.device)
+                        for _ in self.spec.caches]
+
+    def step(self, phase: str, tokens: Sequence[int], start: int) -> np.ndarray:
+        return self.timed_step(phase, tokens, start)[0]
+
+    def timed_step(self, phase: str, tokens: Sequence[int], start: int) -> tuple[np.ndarray, float]:
+        import tvm
+
+        feeds = self.feeds(phase, tokens, start)
+        caches = dict(zip(self.spec.caches, self._caches))
+        arguments = [caches[name] if name in caches else tvm.runtime.tensor(feeds[name], self.device)
+                     for name in self.spec.inputs[phase]]
+        self._vm.set_input(phase, *arguments, *self._weights)
+        seconds = self._timers[phase](phase).mean
+        named = dict(zip(self.spec.outputs[phase], self._vm.get_outputs(phase)))
+        self._caches = [named[name] for name in self.spec.cache_outputs]
+        return named[self.spec.logits].numpy()[0, :len(tokens)], seconds
+
+    def peak_rss_mb(self) -> float | None:
+        return None  # the device's memory is not visible through RPC
+
+    def close(self) -> None:
+        """End the device session now: the server serves one session at a time, and TVM's VM objects hold
+        reference cycles that would keep it open until a garbage collection (or its timeout)."""
+        import gc
+
+        self._vm = self._session = None
+        self._timers, self._weights, self._caches = {}, [], []
+        gc.collect()
+
+
+@contextlib.contextmanager
+def _library_for_device(folder: Path, on_stage: Callable[[str], None]) -> Iterator[Path]:
+    """The shared library to upload (see RemoteGenerator); a library linked here lives for the block."""
+    if (folder / "model.so").is_file():
+        yield folder / "model.so"
+        return
+    archive = folder / "model.tar"
+    if not archive.is_file():
+        raise LoweringError(f"{folder}: no model.so or model.tar to run")
+    if not os.environ.get("TVM_NDK_CC"):
+        yield archive
+        return
+    from tvm.contrib import ndk
+    from tvm.support import tar
+
+    on_stage("linking model.tar with the Android NDK (TVM_NDK_CC)")
+    with tempfile.TemporaryDirectory(prefix="passes-ndk-") as scratch:
+        tar.untar(str(archive), scratch)
+        objects = sorted(str(p) for p in Path(scratch).iterdir() if p.suffix in (".o", ".c", ".cc"))
+        try:
+            ndk.create_shared(str(Path(scratch) / "model.so"), objects)
+        except RuntimeError as err:
+            message = str(err).strip().splitlines()
+            raise LoweringError(f"linking model.tar with TVM_NDK_CC={os.environ['TVM_NDK_CC']} failed: "
+                                f"{message[-1] if message else type(err).__name__}") from err
+        yield Path(scratch) / "model.so"

@@ -15,35 +15,17 @@ on loopback or on a network you trust.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
+from passes.lowering import _rpc
+from passes.lowering._rpc import Tracker, TrackerError
 from passes.tuning._errors import TuningError
 
-
-@dataclass(frozen=True)
-class Tracker:
-    """A TVM RPC tracker and the device key to ask it for."""
-
-    host: str
-    port: int
-    key: str
-
-    @classmethod
-    def parse(cls, address: str, key: str | None) -> Tracker:
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise TuningError(f"--tracker must be HOST:PORT (e.g. 127.0.0.1:9190), got {address!r}")
-        if not key:
-            raise TuningError("--tracker needs --key: the device key the servers registered with (rpc_server --key)")
-        return cls(host, int(port), key)
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port} (key {self.key!r})"
+__all__ = ["Measurement", "Tracker", "build_candidate", "builder", "count_servers", "local_runner", "rpc_runner"]
 
 
 @dataclass(frozen=True)
@@ -88,21 +70,7 @@ def rpc_runner(tracker: Tracker, measurement: Measurement, workers: int) -> Any:
 
 def count_servers(tracker: Tracker) -> int:
     """Servers registered under the key (free or busy); raises TuningError when there are none."""
-    from tvm import rpc
-
     try:
-        with socket.create_connection((tracker.host, tracker.port), timeout=5):
-            pass
-        summary = rpc.connect_tracker(tracker.host, tracker.port).summary()
-    except (OSError, RuntimeError) as err:
-        raise TuningError(f"no TVM RPC tracker answers at {tracker.host}:{tracker.port} ({err}); start one with "
-                          f"`python -m tvm.exec.rpc_tracker --host {tracker.host} --port {tracker.port}`") from err
-    queue = summary.get("queue_info", {}).get(tracker.key, {})
-    servers = int(queue.get("free", 0)) + int(queue.get("pending", 0))
-    listed = sum(1 for info in summary.get("server_info", []) if str(info.get("key", "")) == f"server:{tracker.key}")
-    count = max(servers, listed)
-    if count == 0:
-        raise TuningError(f"the tracker at {tracker.host}:{tracker.port} has no device under key {tracker.key!r}; "
-                          f"register one with `python -m tvm.exec.rpc_server --tracker {tracker.host}:{tracker.port} "
-                          f"--key {tracker.key}`")
-    return count
+        return _rpc.count_servers(tracker)
+    except TrackerError as err:
+        raise TuningError(str(err)) from err

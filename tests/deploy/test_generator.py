@@ -18,7 +18,7 @@ from passes.cli import main
 from passes.core.io import save_model
 from passes.deploy.run import run_for_target
 from passes.samples import build_sample
-from tests.helpers import greedy_with_growing_cache
+from tests.helpers import free_port, greedy_with_growing_cache, rpc_tracker
 
 pytestmark = pytest.mark.slow
 
@@ -104,6 +104,7 @@ def test_a_gpu_generator_builds_opencl_kernels_and_a_params_file(sample: Path, t
     assert report.host_check is None and (folder / "params" / "tensor-cache.json").is_file()
     assert any(path.name.startswith("kv_cache_write") for path in (folder / "kernels").glob("*.cl"))
     assert report.generator["cache_writes_in_place"] == 8
+    assert json.loads((folder / "generator.json").read_text())["device"] == "cl"  # what an RPC run opens
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -126,6 +127,51 @@ def test_cli_generate_json_and_errors(fp32_build: tuple[Path, object], capsys: p
         assert code != 0 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     code, _, err = _cli(capsys, "generate", folder.parent, "--prompt-ids", "1")
     assert code != 0 and "no generator.json" in err
+
+
+def test_generate_through_an_rpc_tracker_runs_on_the_device_and_equals_the_local_run(
+        fp32_build: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`passes generate --tracker`: the library and the tensor cache go up to an RPC server (here on
+    loopback), its runtime loads the weights and keeps the caches; the tokens are the host run's. Without
+    model.so the server links model.tar itself (what a Python RPC server on a board does)."""
+    import shutil
+
+    from passes.deploy.generate import generate_tokens
+
+    folder, _ = fp32_build
+    local = generate_tokens(folder, prompt_ids=PROMPT, max_new_tokens=12, compare=False)
+    archive_only = tmp_path / "archive-only"
+    shutil.copytree(folder, archive_only)
+    (archive_only / "model.so").unlink()
+    stages: list[str] = []
+    with rpc_tracker(tmp_path, "passes-generate") as (tracker, logs):
+        remote = generate_tokens(folder, prompt_ids=PROMPT, max_new_tokens=12, tracker=tracker, on_stage=stages.append)
+        linked = generate_tokens(archive_only, prompt_ids=PROMPT, max_new_tokens=12, compare=False, tracker=tracker)
+        code, out, err = _cli(capsys, "generate", folder, "--prompt-ids", "1,2,3", "-n", "3", "--json",
+                              "--tracker", f"{tracker.host}:{tracker.port}", "--key", tracker.key)
+    assert remote.tokens == local.tokens == linked.tokens
+    assert remote.reference is not None and remote.reference["tokens_equal"]
+    assert remote.reference["decode_speedup"] is None  # different machines: no ratio
+    assert remote.ran_on.startswith("TVM RPC tracker 127.0.0.1") and remote.threads is None
+    assert remote.build["peak_rss_mb"] is None and remote.build["decode_tokens_per_s"] > 0
+    assert len(remote.build["decode_latency_ms"]) == 2 and remote.build["decode_latency_ms"]["p50"] > 0
+    assert any("uploading the weights" in s for s in stages) and any("loading the weights" in s for s in stages)
+    assert "model.tar" in logs[0].read_text() or "load_module" in logs[0].read_text()
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["ran_on"].startswith("TVM RPC tracker") and data["reference"]["tokens_equal"]
+
+
+def test_generate_through_a_tracker_errors_are_one_line(fp32_build: tuple[Path, object],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    folder, _ = fp32_build
+    nobody = f"127.0.0.1:{free_port()}"
+    for argv, message in [(["--tracker", nobody], "--tracker needs --key"),
+                          (["--key", "phone"], "--key needs --tracker"),
+                          (["--tracker", "nohost", "--key", "phone"], "--tracker must be HOST:PORT"),
+                          (["--tracker", nobody, "--key", "phone"], "no TVM RPC tracker answers")]:
+        code, _, err = _cli(capsys, "generate", folder, "--prompt-ids", "1,2", *argv)
+        assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_context_options_need_a_kv_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from passes.tuning import Tracker, load_session, tune
 from passes.tuning._database import RECORD_FILE, WORKLOAD_FILE, register_intrinsics
+from tests.helpers import free_port, rpc_tracker
 from tests.tuning.conftest import needs_x86_int8, quick_options
 
 CLI = [sys.executable, "-m", "passes.cli"]
@@ -62,49 +62,10 @@ def test_sigkill_at_any_moment_leaves_a_database_that_loads_and_resumes(small_mo
     assert len(resumed_db) >= before + 4
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_for_servers(tracker: Tracker, count: int, timeout: float = 60.0) -> None:
-    from passes.tuning._measure import count_servers
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if count_servers(tracker) >= count:
-                return
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{count} RPC servers did not register with the tracker")
-        time.sleep(0.5)
-
-
 @needs_x86_int8
 def test_tuning_through_an_rpc_tracker_on_loopback_uses_every_server(small_model, tmp_path):
-    port = _free_port()
-    tracker = Tracker("127.0.0.1", port, "passes-test")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    processes = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                   "--port", str(port), "--port-end", str(port + 1)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
-    logs = [tmp_path / f"server{i}.log" for i in range(2)]
-    try:
-        time.sleep(2.0)
-        for log in logs:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", "9090",
-                 "--port-end", "9199", "--tracker", f"127.0.0.1:{port}", "--key", tracker.key],
-                stdout=log.open("w"), stderr=subprocess.STDOUT, env=env))
-        _wait_for_servers(tracker, 2)
+    with rpc_tracker(tmp_path, "passes-test", servers=2) as (tracker, logs):
         report = tune(small_model, "host", tmp_path / "session", quick_options(8, tracker=tracker, builders=2))
-    finally:
-        for process in reversed(processes):
-            process.kill()
-            process.wait()
     assert report.measured_on.startswith("TVM RPC tracker 127.0.0.1")
     assert report.trials_new == 8
     loads = [log.read_text().count("load_module") for log in logs]
@@ -115,7 +76,7 @@ def test_tuning_through_an_rpc_tracker_on_loopback_uses_every_server(small_model
 def test_a_tracker_that_does_not_answer_is_one_clear_error(small_model, tmp_path):
     from passes.tuning import TuningError
 
-    tracker = Tracker("127.0.0.1", _free_port(), "nobody")
+    tracker = Tracker("127.0.0.1", free_port(), "nobody")
     with pytest.raises(TuningError, match="no TVM RPC tracker answers"):
         tune(small_model, "host", tmp_path / "s", quick_options(2, tracker=tracker))
 

@@ -40,7 +40,8 @@ def generate_report(report: Any) -> None:
     table = Table(title=f"speed ({where})", title_justify="left")
     for column in ("", "prefill tok/s", "decode tok/s", "decode P50 ms", "decode P90 ms"):
         table.add_column(column, justify="right" if column else "left")
-    rows = [("passes (TVM)", build)] + ([("onnxruntime (this machine)", reference)] if reference else [])
+    peer = "onnxruntime" if report.threads is not None else "onnxruntime (here)"
+    rows = [("passes (TVM)", build)] + ([(peer, reference)] if reference else [])
     for name, data in rows:
         table.add_row(name, f"{data['prefill_tokens_per_s']:.1f}", f"{data['decode_tokens_per_s']:.1f}",
                       f"{data['decode_latency_ms']['p50']:.2f}", f"{data['decode_latency_ms']['p90']:.2f}")

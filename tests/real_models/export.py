@@ -17,9 +17,10 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -98,22 +99,55 @@ ARCHS: Mapping[str, ArchSpec] = MappingProxyType(
 
 def export_model(arch: str, exporter: Exporter, cache_dir: Path) -> Path:
     """The cached export of `arch` by `exporter` in `cache_dir`, exporting it first on a miss."""
-    path = cached_path(arch, exporter, cache_dir)
+    return cached_file(cached_path(arch, exporter, cache_dir), f"{arch}-{exporter}-*.onnx",
+                       lambda: _export_checked(arch, exporter, cache_dir))
+
+
+def cached_file(path: Path, stale: str, make: Callable[[], onnx.ModelProto]) -> Path:
+    """`path`, written from `make()` on a miss: one pytest-xdist worker exports while the others wait, the
+    file appears whole (staged beside it, then renamed), and older exports in the folder matching the
+    `stale` glob (other versions or recipes) go."""
     if path.is_file():
         return path
-    with _file_lock(Path(cache_dir) / ".export.lock"):  # pytest-xdist workers export each model once
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder / f".{stale.replace('*', '')}.lock"):
         if path.is_file():
             return path
-        model = _export_checked(arch, exporter, cache_dir)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=cache_dir)
+        model = make()
+        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
         with os.fdopen(handle, "wb") as stream:
             stream.write(model.SerializeToString())
         os.chmod(staging, 0o644)  # mkstemp's 0600 would hide the cache from other users of the checkout
         os.replace(staging, path)
-        for stale in Path(cache_dir).glob(f"{arch}-{exporter}-*.onnx"):  # older versions or recipes
-            if stale != path:
-                stale.unlink(missing_ok=True)
+        for old in folder.glob(stale):
+            if old != path:
+                old.unlink(missing_ok=True)
     return path
+
+
+def cached_folder(folder: Path, stale: str, make: Callable[[Path], None], ready: Sequence[str]) -> Path:
+    """`folder`, filled by `make(staging)` on a miss (it is there once every file in `ready` is), with
+    `cached_file`'s guarantees: one worker makes it, it appears whole, older folders matching `stale` go."""
+    def done() -> bool:
+        return all((folder / name).is_file() for name in ready)
+
+    if done():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder.parent / f".{stale.replace('*', '')}.lock"):
+        if done():
+            return folder
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            make(staging)
+            os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the cache from other users of the checkout
+            for old in folder.parent.glob(stale):
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def cached_path(arch: str, exporter: Exporter, cache_dir: Path) -> Path:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -54,8 +53,9 @@ from tests.real_models.export import (
     ArchSpec,
     ExportError,
     Exporter,
-    _file_lock,
     _version,
+    cached_file,
+    cached_folder,
 )
 
 #: the Llama-like decoders of `export.py` (RMSNorm, GQA, rotary): the archs with a KV export.
@@ -135,23 +135,8 @@ def prefill_then_decode(run: Callable[[dict[str, np.ndarray]], Sequence[np.ndarr
 
 def export_kv_model(arch: str, exporter: Exporter, cache_dir: Path) -> Path:
     """The cached KV-cache export of a tiny `arch` (one of `KV_ARCHS`) by `exporter`, exported on a miss."""
-    path = cached_kv_path(arch, exporter, cache_dir)
-    if path.is_file():
-        return path
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    with _file_lock(Path(cache_dir) / ".kv-export.lock"):
-        if path.is_file():
-            return path
-        model = _export_tiny(arch, exporter, Path(cache_dir))
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=cache_dir)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(model.SerializeToString())
-        os.chmod(staging, 0o644)  # mkstemp's 0600 would hide the cache from other users of the checkout
-        os.replace(staging, path)
-        for stale in Path(cache_dir).glob(f"kv-{arch}-{exporter}-*.onnx"):  # older versions or recipes
-            if stale != path:
-                stale.unlink(missing_ok=True)
-    return path
+    return cached_file(cached_kv_path(arch, exporter, cache_dir), f"kv-{arch}-{exporter}-*.onnx",
+                       lambda: _export_tiny(arch, exporter, Path(cache_dir)))
 
 
 def cached_kv_path(arch: str, exporter: Exporter, cache_dir: Path) -> Path:
@@ -169,35 +154,13 @@ def cached_kv_path(arch: str, exporter: Exporter, cache_dir: Path) -> Path:
 
 def cached_smollm2_kv_paths(cache_dir: Path) -> tuple[Path, Path]:
     """(model.onnx, tokenizer folder) of the SmolLM2 KV export, keyed by weights, versions and recipe."""
-    weights = smollm2.gguf_path()
-    recipe = {
-        "weights": f"{weights.stat().st_size}" if weights else "absent",
-        "versions": {name: _version(name) for name in ("torch", "transformers", "gguf", "onnx")},
-        "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-    }
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / f"kv-smollm2-135m-{digest}"
-    return folder / "model.onnx", folder / "tokenizer"
+    return smollm2.cache_folder(cache_dir, "kv-smollm2-135m", Path(__file__))
 
 
 def export_smollm2_kv(cache_dir: Path) -> tuple[Path, Path]:
     """The cached SmolLM2-135M-Instruct KV export and its tokenizer folder, exported on a miss (minutes)."""
     model_path, tokenizer_dir = cached_smollm2_kv_paths(cache_dir)
-    if model_path.is_file() and (tokenizer_dir / "tokenizer.json").is_file():
-        return model_path, tokenizer_dir
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    with _file_lock(Path(cache_dir) / ".kv-smollm2.lock"):
-        if model_path.is_file() and (tokenizer_dir / "tokenizer.json").is_file():
-            return model_path, tokenizer_dir
-        staging = Path(tempfile.mkdtemp(prefix=".kv-smollm2.", dir=cache_dir))
-        try:
-            _export_smollm2(staging)
-            os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the cache from other users of the checkout
-            for stale in Path(cache_dir).glob("kv-smollm2-135m-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(staging, model_path.parent)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    cached_folder(model_path.parent, "kv-smollm2-135m-*", _export_smollm2, ["model.onnx", "tokenizer/tokenizer.json"])
     return model_path, tokenizer_dir
 
 

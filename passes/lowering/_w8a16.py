@@ -1,4 +1,5 @@
-"""Dispatch the W8A16 matmuls of a Relax module to the Metal kernel (`passes.kernels.metal_w8a16`) or,
+"""Dispatch the W8A16 matmuls of a Relax module to the GPU kernel (`passes.kernels.metal_w8a16`: family
+`metal-w8a16` on Metal, `opencl-w8a16` on OpenCL, where TVM's OpenCL code generator emits the same TIR) or,
 on CPU (llvm) targets, to `passes.kernels.cpu_w8a16` (family `cpu-w8a16`, float32 activations).
 
     matmul(x[.., M, K], dequantize(W_s8[K, N], scale[N], 0, axis=1))
@@ -7,7 +8,8 @@ on CPU (llvm) targets, to `passes.kernels.cpu_w8a16` (family `cpu-w8a16`, float3
 
 TVM 0.27's ONNX importer keeps `DequantizeLinear(constant)` as `dequantize` of the int8 constant;
 FoldConstant, during legalization, would fold it to a float32 weight, so this runs before that, for
-targets that dequantize weights in registers (`wants_w8a16`: Metal back end, W8A16 quantization).
+targets that dequantize weights in registers (`wants_w8a16`: CPU and OpenCL targets, Metal targets that
+prefer W8A16).
 A matmul is dispatched when x is float16/float32 with a static shape of rank >= 2, the
 weight a 2-D int8 constant dequantized per column (axis 1) by constant float32 scales with a zero
 zero point, and the result has x's dtype. The kernel (the target's GEMV tiles for M' = 1, GEMM tiles
@@ -40,16 +42,23 @@ FAMILY = "metal-w8a16"
 #: the CPU (llvm) kernel's names, cpu_w8a16_m{M}_k{K}_n{N}, and family
 CPU_KERNEL_PREFIX = "cpu_w8a16"
 CPU_FAMILY = "cpu-w8a16"
+#: the GPU kernel on OpenCL targets (Adreno, Mali): opencl_w8a16_{gemv|gemm}_m{M}_k{K}_n{N}_{dtype}
+OPENCL_KERNEL_PREFIX = "opencl_w8a16"
+OPENCL_FAMILY = "opencl-w8a16"
+#: back end -> (kernel prefix, family)
+_NAMES = {"llvm": (CPU_KERNEL_PREFIX, CPU_FAMILY), "metal": (KERNEL_PREFIX, FAMILY),
+          "opencl": (OPENCL_KERNEL_PREFIX, OPENCL_FAMILY)}
 
 _Kernels = dict[tuple[int, int, int, str], tuple[tvm.ir.GlobalVar, str, tirx.PrimFunc]]
 
 
 def wants_w8a16(target: Any) -> bool:
-    """Whether `target` takes W8A16 matmuls as a dequantize-in-registers kernel: the Metal one on Apple
-    GPUs that prefer W8A16, `passes.kernels.cpu_w8a16` on every CPU (llvm) target."""
+    """Whether `target` takes W8A16 matmuls as a dequantize-in-registers kernel: the GPU one on Apple GPUs
+    that prefer W8A16 and on every OpenCL target (a model quantized W8A16 there, or the layers a W8A8
+    model keeps W8A16), `passes.kernels.cpu_w8a16` on every CPU (llvm) target."""
     capabilities = getattr(target, "capabilities", None)
-    return target.backend == "llvm" or (target.backend == "metal"
-                                         and getattr(capabilities, "quantization", None) == "w8a16")
+    return target.backend in ("llvm", "opencl") or (target.backend == "metal"
+                                                     and getattr(capabilities, "quantization", None) == "w8a16")
 
 
 def dispatch_w8a16_matmuls(previous: Dispatch, target: Any) -> Dispatch:
@@ -61,7 +70,7 @@ def dispatch_w8a16_matmuls(previous: Dispatch, target: Any) -> Dispatch:
     if not count:
         return previous
     names = tuple(sorted(name for _, name, _ in kernels.values()))
-    family = CPU_FAMILY if target.backend == "llvm" else FAMILY
+    family = _NAMES[target.backend][1]
     logger.info("dispatched %d W8A16 matmuls to %d %s kernels", count, len(names), family)
     references = {**previous.references, **{name: reference for _, name, reference in kernels.values()}}
     dispatched = {**previous.dispatched, family: Dispatched(count, names)}
@@ -73,7 +82,7 @@ def count_w8a16_calls(module: tvm.IRModule) -> int:
     from passes.lowering._tir import call_counts
 
     return sum(count for name, count in call_counts(module).items()
-               if name.startswith((KERNEL_PREFIX, CPU_KERNEL_PREFIX)))
+               if name.startswith(tuple(prefix for prefix, _ in _NAMES.values())))
 
 
 def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder, kernels: _Kernels,
@@ -91,7 +100,7 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder, k
     rows, depth, cols = int(np.prod(shape[:-1])), shape[-1], weight.shape[1]
     if min(rows, depth, cols) < 1:
         return None
-    chosen = _cpu_kernel if target.backend == "llvm" else _metal_kernel
+    chosen = _cpu_kernel if target.backend == "llvm" else _gpu_kernel
     found = chosen(rows, depth, cols, dtype, weight, target, builder, kernels)
     if found is None:
         return None
@@ -102,14 +111,14 @@ def _dispatched(call: relax.Call, bindings: dict, builder: relax.BlockBuilder, k
     return result if len(shape) == 2 else relax.op.reshape(result, (*shape[:-1], cols))
 
 
-def _metal_kernel(rows: int, depth: int, cols: int, dtype: str, weight: np.ndarray, target: Any,
-                  builder: relax.BlockBuilder, kernels: _Kernels) -> tuple[tvm.ir.GlobalVar, np.ndarray]:
-    """The Metal kernel (the target's GEMV tiles for one row, GEMM tiles otherwise) and its packed weight."""
+def _gpu_kernel(rows: int, depth: int, cols: int, dtype: str, weight: np.ndarray, target: Any,
+                builder: relax.BlockBuilder, kernels: _Kernels) -> tuple[tvm.ir.GlobalVar, np.ndarray]:
+    """The GPU kernel (the target's GEMV tiles for one row, GEMM tiles otherwise) and its packed weight."""
     tiles = metal_w8a16.tiles_from_target(target, rows)
     key = (rows, depth, cols, dtype)
     if key not in kernels:
         kind = "gemv" if isinstance(tiles, metal_w8a16.GemvTiles) else "gemm"
-        name = f"{KERNEL_PREFIX}_{kind}_m{rows}_k{depth}_n{cols}_{dtype}"
+        name = f"{_NAMES[target.backend][0]}_{kind}_m{rows}_k{depth}_n{cols}_{dtype}"
         gvar = builder.add_func(marked(metal_w8a16.w8a16_matmul(rows, depth, cols, tiles, dtype)), name)
         kernels[key] = (gvar, gvar.name_hint, metal_w8a16.w8a16_compute(rows, depth, cols, tiles, dtype))
     return kernels[key][0], metal_w8a16.pack_weights(weight, tiles)

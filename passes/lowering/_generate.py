@@ -192,7 +192,8 @@ class HostGenerator(Generator):
         spec = GeneratorSpec.load(folder)
         library = folder / "model.so"
         if not library.is_file():
-            raise LoweringError(f"{folder}: no model.so (only host builds run on this machine)")
+            raise LoweringError(f"{folder}: no model.so (only host builds run on this machine; run a device build "
+                                f"there with --tracker HOST:PORT --key KEY)")
         return cls(tvm.runtime.load_module(str(library)), load_params(folder / "params"), spec)
 
     def reset(self) -> None:

@@ -74,6 +74,30 @@ def export_model(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
+def hollow_export(graph: gs.Graph) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The graph as a model to *run*, without a copy of its weights: constants past `INLINE_BYTES` are
+    hollow initializers (name, dims and type, no bytes), and their values come back by name, the graph's
+    own arrays (`passes.numerics.verify.ModelRunner(model, weights=values)`). A graph with subgraphs or
+    functions is exported whole (no values)."""
+    if graph.functions or any(has_subgraph(node) for node in graph.nodes):
+        return export_model(graph), {}
+    model = onnx.ModelProto.FromString(graph_skeleton(graph))
+    meta: onnx.ModelProto | None = graph.__dict__.get("_passes_model_meta")
+    if meta is not None:
+        model.metadata_props.extend(meta.metadata_props)
+    tensors = tensor_map(graph)
+    inputs = list(model.graph.input)
+    hollow = [info for info in inputs if type(tensors.get(info.name)) is gs.Constant]
+    if not hollow:
+        return model, {}
+    del model.graph.input[:]
+    model.graph.input.extend(info for info in inputs if type(tensors.get(info.name)) is not gs.Constant)
+    for info in hollow:
+        typed = info.type.tensor_type
+        model.graph.initializer.add(name=info.name, data_type=typed.elem_type, dims=[d.dim_value for d in typed.shape.dim])
+    return model, {info.name: np.asarray(tensors[info.name].values) for info in hollow}
+
+
 def _model_meta(model: onnx.ModelProto) -> onnx.ModelProto:
     meta = onnx.ModelProto()
     meta.ir_version = model.ir_version

@@ -301,6 +301,13 @@ def hollow_model(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     return light
 
 
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model hollow (`hollow_model`) and its initializers past `INLINE_BYTES` as arrays: once the
+    caller drops `model`, its weights live once, as numpy (`ModelRunner(hollow, weights=arrays)` runs it)."""
+    arrays = _shared_arrays(model, {})
+    return hollow_model(model, set(arrays)), arrays
+
+
 def _copy_fields(source: Any, destination: Any, skip: str) -> None:
     """Copy every set field of a protobuf message but `skip` into `destination`."""
     for descriptor, value in source.ListFields():

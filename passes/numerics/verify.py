@@ -258,7 +258,9 @@ class ModelRunner:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.enable_cpu_mem_arena = False  # the arena keeps every float64 widened weight it ever held
+        # the default order runs every node whose inputs are ready first: each Cast of an int8 weight to
+        # float64 (`exact_integer_model`) at the start, all of them alive at once (8 bytes a weight)
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         options.log_severity_level = 3
         for name, array in arrays.items():
             self._shared.append(ort.OrtValue.ortvalue_from_numpy(array))

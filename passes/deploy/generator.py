@@ -29,7 +29,7 @@ from passes.core.errors import PassesError, VerificationError
 from passes.core.io import save_model
 from passes.deploy.roofline import estimate
 from passes.frontend.prepare import BoundDim, QuantizeSettings, _quantize
-from passes.numerics.verify import split_weights
+from passes.numerics.verify import filled_model
 from passes.infra.manager import Instrument, PassManager
 from passes.infra.pipeline import parse_pipeline
 from passes.lowering._generate import Generator, OrtGenerator
@@ -64,33 +64,38 @@ def prepare_generator(load: Callable[[], onnx.ModelProto], target: Any, *, conte
     chunk = min(prefill_chunk or target.defaults.prefill_chunk, capacity)
     on_stage(f"making the KV cache static ({capacity} slots) and rewriting the graph")
     elements = [StaticKvCache(capacity=capacity), *parse_pipeline(pipeline or target.pipeline).elements]
-    canonical = PassManager(elements, instruments=instruments).run(load())
+    # the weights live as numpy arrays beside hollow models (`PassManager.run(hollow=True)`) until the
+    # phase graphs are made: a protobuf copy of 4 GB of float weights is never made
+    canonical = PassManager(elements, instruments=instruments).run(load(), hollow=True)
     record = next(r for r in canonical.report.passes if r.name == StaticKvCache.name)
     if not record.modified:
         reason = record.refusals[0]["reason"] if record.refusals else "no Concat(past, new) cache found"
         raise GeneratorError(f"cannot build a generator: {reason}")
-    model, pipeline_report = canonical.model, canonical.report
+    model, weights, pipeline_report = canonical.model, canonical.weights, canonical.report
     del canonical
     gc.collect()
     shapes = {phase: phase_shapes(model, 1, size, capacity) for phase, size in (("prefill", chunk), ("decode", 1))}
     if settings.scheme != "none":
         on_stage("quantizing (smoothing, calibration, SQNR)")
-    quantized, quantization = _quantize(model, target, settings, shapes["prefill"])
+    quantized, quantization, quantized_weights = _quantize(model, target, settings, shapes["prefill"], weights)
     float_model = None
     if quantization is not None and check_here and quantizes_activations(quantized):
-        float_model = split_weights(model)  # arrays: the model's protobuf bytes go with it
-    del model
+        float_model = (model, weights)
+    del model, weights
     gc.collect()  # the quantizer's sessions and graphs hold copies of the float weights in cycles
     phases = {}
     for phase, bound in shapes.items():
         on_stage(f"freezing the {phase} graph")
-        phases[phase] = PassManager(f"{target.pipeline},{PHASE_PASSES}", input_shapes=bound).run(quantized).model
+        phases[phase] = PassManager(f"{target.pipeline},{PHASE_PASSES}", input_shapes=bound).run(
+            quantized, weights=quantized_weights).model
     spec = generator_spec(phases, capacity, chunk)
     plan = None
     if check_here:
         on_stage("running the reference: onnxruntime, prefill and decode")
-        plan = reference_plan(spec, quantized, float_model)
+        plan = reference_plan(spec, (quantized, quantized_weights), float_model)
     del float_model
+    quantized = filled_model(quantized, quantized_weights)  # model.onnx, the manifest and the summary read it
+    del quantized_weights
     gc.collect()
     bound_dims = [BoundDim("past_key_values", 2, "context", capacity, "--context" if context else "target defaults.context"),
                   BoundDim("input_ids", 1, "seq", chunk, "--prefill-chunk" if prefill_chunk else "target defaults.prefill_chunk")]
@@ -204,14 +209,14 @@ def quantizes_activations(model: onnx.ModelProto) -> bool:
     return any(node.op_type in ACTIVATION_QUANTIZERS for node in model.graph.node)
 
 
-def reference_plan(spec: Any, model: onnx.ModelProto,
-                   float_model: tuple[onnx.ModelProto, dict[str, np.ndarray]] | None) -> dict[str, Any]:
+def reference_plan(spec: Any, model: tuple[onnx.ModelProto, Mapping[str, np.ndarray] | None],
+                   float_model: tuple[onnx.ModelProto, Mapping[str, np.ndarray] | None] | None) -> dict[str, Any]:
     """What the host check replays: a seeded prompt (a chunk and a bit) prefilled in chunks, then
     `CHECK_DECODE_STEPS` greedy tokens, run by the exact reference (onnxruntime on `model`, integer
-    matmuls exact); the logits of each step, and fp32's on the same tokens where activations are quantized
-    (`float_model`: the float graph, hollow, and its weights: `passes.numerics.verify.split_weights`).
-    The two run one after the other, so only one session holds weights at a time."""
-    reference = OrtGenerator(model, spec, exact=True)
+    matmuls exact); the logits of each step, and fp32's on the same tokens where activations are quantized.
+    Each model comes with the values of its hollow initializers (`PassManager.run(hollow=True)`; None
+    when it is whole). The two run one after the other, so only one session holds weights at a time."""
+    reference = _Reference(*model, spec)
     prompt_length = min(spec.prefill_chunk + 3, spec.capacity - CHECK_DECODE_STEPS)
     rng = np.random.default_rng(0)
     steps: list[tuple[str, list[int], int]] = []
@@ -226,18 +231,18 @@ def reference_plan(spec: Any, model: onnx.ModelProto,
         token = int(np.argmax(logits["reference"][-1][-1]))
         position += size
     del reference
-    if float_model is not None and quantizes_activations(model):
-        fp32 = _FloatReference(*float_model, spec)
+    if float_model is not None and quantizes_activations(model[0]):
+        fp32 = _Reference(*float_model, spec)
         logits["fp32"] = [fp32.step(phase, piece, position) for phase, piece, position in steps]
     return {"steps": steps, "prompt_tokens": prompt_length,
             **{name: np.concatenate(values) for name, values in logits.items()}}
 
 
-class _FloatReference(OrtGenerator):
-    """`OrtGenerator(exact=True)` on a hollow float graph and its weights (`split_weights`): the session
-    reads the arrays where they lie."""
+class _Reference(OrtGenerator):
+    """`OrtGenerator(exact=True)` on a model whose weights may be given as arrays (hollow initializers,
+    see `passes.numerics.verify.ModelRunner`): the session reads them where they lie."""
 
-    def __init__(self, model: onnx.ModelProto, weights: dict[str, np.ndarray], spec: Any) -> None:
+    def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray] | None, spec: Any) -> None:
         from passes.numerics.verify import ModelRunner
 
         Generator.__init__(self, spec)

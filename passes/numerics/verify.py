@@ -244,11 +244,11 @@ class ModelRunner:
         given = dict(weights or {})
         if needs_reference_evaluator(model):
             logger.info("the model holds ConvInteger or QLinearConv; using onnx.reference (exact int32)")
-            self._reference = _exposing(_filled(model, given), outputs)
+            self._reference = _exposing(filled_model(model, given), outputs)
             self.names = [o.name for o in self._reference.graph.output]
             return
         try:
-            decomposed, _ = decompose_qlinear_matmul(_filled(model, given) if _decomposes(model) else model)
+            decomposed, _ = decompose_qlinear_matmul(filled_model(model, given) if _decomposes(model) else model)
             arrays = _shared_arrays(decomposed, given)
             light = exact_integer_model(_exposing(hollow_model(decomposed, set(arrays)), outputs, decomposed))
         except IntegerOpError as err:
@@ -271,7 +271,7 @@ class ModelRunner:
                 self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             except Exception as err:  # ORT lacks the op, or the opset: onnx.reference implements the spec
                 logger.info("onnxruntime cannot load the model (%s); using onnx.reference", str(err).splitlines()[0])
-                self._reference = _filled(light, arrays)
+                self._reference = filled_model(light, arrays)
                 self._shared = []
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -356,8 +356,9 @@ def _placeholder_model(light: onnx.ModelProto, arrays: Mapping[str, np.ndarray],
     return str(path)
 
 
-def _filled(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """`model` with the bytes of its initializers named in `arrays` (a copy; the model itself when none)."""
+def filled_model(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None) -> onnx.ModelProto:
+    """`model` with the bytes of its initializers named in `arrays` (a copy; the model itself when none):
+    a hollow model (`split_weights`, `PassManager.run(hollow=True)`) made whole."""
     if not arrays:
         return model
     full = hollow_model(model, set(arrays))

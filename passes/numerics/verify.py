@@ -380,8 +380,8 @@ def _exposing(model: onnx.ModelProto, names: Sequence[str], types_from: onnx.Mod
 def with_outputs(model: onnx.ModelProto, names: Sequence[str], *,
                  types_from: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A copy of `model` whose graph also outputs `names` (types from shape inference on `types_from`, by
-    default the model; a name that is already an output or a graph input is left as it is). Hand it a
-    skeleton (`model_skeleton`) to keep the copy small."""
+    default the model; a name that is already an output or a graph input is left as it is). A hollow
+    model (`hollow_model`) keeps the copy small."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     source = types_from or model

@@ -21,7 +21,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from passes.core._opsets import DEFAULT_DOMAINS
-from passes.core._validate import proto_size
+from passes.core._validate import proto_size, tensor_nbytes
 from passes.core._walk import has_subgraph
 
 #: constants larger than this are handed to inference and the checker as typed inputs, without their bytes.
@@ -156,12 +156,22 @@ def _model_skeleton(model: onnx.ModelProto, graph: gs.Graph | None) -> bytes:
     for number, values in ((_INPUT, source.input), (_OUTPUT, source.output), (_VALUE_INFO, source.value_info)):
         pieces.extend(_field(number, value.SerializeToString()) for value in values)
     for init in source.initializer:
-        if proto_size(init) > INLINE_BYTES:
+        if proto_size(init) > INLINE_BYTES or _hollow_and_large(init):
             info = onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
             pieces.append(_field(_INPUT, info.SerializeToString()))
         else:
             pieces.append(_field(_INITIALIZER, init.SerializeToString()))
     return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
+
+
+def _hollow_and_large(tensor: onnx.TensorProto) -> bool:
+    """A hollow initializer (dims and type, no bytes: `ir.hollow_export`) whose values would be large."""
+    if tensor.ByteSize() > INLINE_BYTES or tensor.raw_data or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return False
+    try:
+        return tensor_nbytes(tensor) > INLINE_BYTES
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _protos(graph: gs.Graph) -> _Cache:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -38,12 +38,15 @@ Variable = gs.Variable
 
 
 
-def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Graph:
+def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True,
+                 weights: Mapping[str, np.ndarray] | None = None) -> gs.Graph:
     """Convert a model to a graphsurgeon graph and annotate it with ONNX shape inference.
 
     Inference runs on a copy of the model without its large weights, so it costs the same for a
     100 KB and a 10 GB model and never hits protobuf's 2 GB limit. The model is not modified.
     Sparse initializers become the dense constants they stand for (as `load_model` makes them).
+    `weights` gives the values of hollow initializers (`hollow_export`) by name; the graph holds those
+    arrays themselves.
     """
     if model.graph.sparse_initializer:
         dense = onnx.ModelProto()
@@ -51,6 +54,10 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True) -> gs.Gra
         densify_sparse_initializers(dense, label=f"model '{model.graph.name}'")
         model = dense
     graph = gs.import_onnx(model)
+    if weights:
+        for tensor in tensor_map(graph).values():
+            if type(tensor) is gs.Constant and tensor.name in weights:
+                tensor.values = weights[tensor.name]
     graph._passes_model_meta = _model_meta(model)  # carried through to export_model
     skeleton = import_skeleton(graph, model)
     # runs of our inference that named the model's dims (a scan of the bytes: the names sit in its value_info)
@@ -72,6 +79,30 @@ def export_model(graph: gs.Graph) -> onnx.ModelProto:
         del model.metadata_props[:]
         model.metadata_props.extend(meta.metadata_props)
     return model
+
+
+def hollow_export(graph: gs.Graph) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The graph as a model to *run*, without a copy of its weights: constants past `INLINE_BYTES` are
+    hollow initializers (name, dims and type, no bytes), and their values come back by name, the graph's
+    own arrays (`passes.numerics.verify.ModelRunner(model, weights=values)`). A graph with subgraphs or
+    functions is exported whole (no values)."""
+    if graph.functions or any(has_subgraph(node) for node in graph.nodes):
+        return export_model(graph), {}
+    model = onnx.ModelProto.FromString(graph_skeleton(graph))
+    meta: onnx.ModelProto | None = graph.__dict__.get("_passes_model_meta")
+    if meta is not None:
+        model.metadata_props.extend(meta.metadata_props)
+    tensors = tensor_map(graph)
+    inputs = list(model.graph.input)
+    hollow = [info for info in inputs if type(tensors.get(info.name)) is gs.Constant]
+    if not hollow:
+        return model, {}
+    del model.graph.input[:]
+    model.graph.input.extend(info for info in inputs if type(tensors.get(info.name)) is not gs.Constant)
+    for info in hollow:
+        typed = info.type.tensor_type
+        model.graph.initializer.add(name=info.name, data_type=typed.elem_type, dims=[d.dim_value for d in typed.shape.dim])
+    return model, {info.name: np.asarray(tensors[info.name].values) for info in hollow}
 
 
 def _model_meta(model: onnx.ModelProto) -> onnx.ModelProto:

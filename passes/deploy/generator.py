@@ -29,8 +29,10 @@ from passes.core.errors import PassesError, VerificationError
 from passes.core.io import save_model
 from passes.deploy.roofline import estimate
 from passes.frontend.prepare import BoundDim, QuantizeSettings, _quantize
+from passes.numerics.verify import filled_model
 from passes.infra.manager import Instrument, PassManager
 from passes.infra.pipeline import parse_pipeline
+from passes.lowering._generate import Generator, OrtGenerator
 from passes.transforms.static_kv_cache import CACHE_POSITION, StaticKvCache, cache_pairs
 
 #: host check: logits of the build and onnxruntime agree within RTOL x max |reference logits| (+ ATOL)
@@ -64,31 +66,38 @@ def prepare_generator(load: Callable[[], onnx.ModelProto], target: Any, *, conte
     chunk = min(prefill_chunk or target.defaults.prefill_chunk, capacity)
     on_stage(f"making the KV cache static ({capacity} slots) and rewriting the graph")
     elements = [StaticKvCache(capacity=capacity), *parse_pipeline(pipeline or target.pipeline).elements]
-    canonical = PassManager(elements, instruments=instruments).run(load())
+    # the weights live as numpy arrays beside hollow models (`PassManager.run(hollow=True)`) until the
+    # phase graphs are made: a protobuf copy of 4 GB of float weights is never made
+    canonical = PassManager(elements, instruments=instruments).run(load(), hollow=True)
     record = next(r for r in canonical.report.passes if r.name == StaticKvCache.name)
     if not record.modified:
         reason = record.refusals[0]["reason"] if record.refusals else "no Concat(past, new) cache found"
         raise GeneratorError(f"cannot build a generator: {reason}")
-    model, pipeline_report = canonical.model, canonical.report
+    model, weights, pipeline_report = canonical.model, canonical.weights, canonical.report
     del canonical
     gc.collect()
     shapes = {phase: phase_shapes(model, 1, size, capacity) for phase, size in (("prefill", chunk), ("decode", 1))}
     if settings.scheme != "none":
         on_stage("quantizing (smoothing, calibration, SQNR)")
-    quantized, quantization = _quantize(model, target, settings, shapes["prefill"])
-    float_model = model if quantization is not None and check_here else None
-    del model
+    quantized, quantization, quantized_weights = _quantize(model, target, settings, shapes["prefill"], weights)
+    float_model = None
+    if quantization is not None and check_here and quantizes_activations(quantized):
+        float_model = (model, weights)
+    del model, weights
     gc.collect()  # the quantizer's sessions and graphs hold copies of the float weights in cycles
     phases = {}
     for phase, bound in shapes.items():
         on_stage(f"freezing the {phase} graph")
-        phases[phase] = PassManager(f"{target.pipeline},{PHASE_PASSES}", input_shapes=bound).run(quantized).model
+        phases[phase] = PassManager(f"{target.pipeline},{PHASE_PASSES}", input_shapes=bound).run(
+            quantized, weights=quantized_weights).model
     spec = generator_spec(phases, capacity, chunk, device=RPC_DEVICES[target.backend])
     plan = None
     if check_here:
         on_stage("running the reference: onnxruntime, prefill and decode")
-        plan = reference_plan(spec, quantized, float_model)
+        plan = reference_plan(spec, (quantized, quantized_weights), float_model)
     del float_model
+    quantized = filled_model(quantized, quantized_weights)  # model.onnx, the manifest and the summary read it
+    del quantized_weights
     gc.collect()
     bound_dims = [BoundDim("past_key_values", 2, "context", capacity, "--context" if context else "target defaults.context"),
                   BoundDim("input_ids", 1, "seq", chunk, "--prefill-chunk" if prefill_chunk else "target defaults.prefill_chunk")]
@@ -121,16 +130,19 @@ def phase_shapes(model: onnx.ModelProto, batch: int, seq: int, capacity: int) ->
     return shapes
 
 
-def build_generator(prepared: Mapping[str, Any], target: Any, staging: Path, report: Any, tuning: Any = None,
+def build_generator(prepared: dict[str, Any], target: Any, staging: Path, report: Any, tuning: Any = None,
                     on_stage: Callable[[str], None] = lambda _: None) -> None:
-    """Lower, build and write the generator's artifacts into `staging`; fill `report`."""
+    """Lower, build and write the generator's artifacts into `staging`; fill `report`. The phase graphs
+    are handed to the lowering, which drops each once TVM has imported it: `prepared["phases"]` is gone
+    afterwards."""
     from passes.lowering import build, write_artifacts
     from passes.lowering._build import host_threads
     from passes.lowering._lower import lower_generator
 
     started = time.perf_counter()
     on_stage(f"lowering prefill and decode through TVM for {target.name}")
-    lowered = lower_generator(prepared["phases"], target, tuning=tuning.memory if tuning is not None else None)
+    lowered = lower_generator(prepared.pop("phases"), target, tuning=tuning.memory if tuning is not None else None,
+                              release=True)
     on_stage(f"building {len(lowered.reference_kernels)} kernels")
     built = build(lowered, target)
     report.build_seconds = time.perf_counter() - started
@@ -149,7 +161,7 @@ def build_generator(prepared: Mapping[str, Any], target: Any, staging: Path, rep
     weight_bytes = sum(int(value.nbytes) for value in lowered.weights.values())
     code_bytes = (staging / "model.tar").stat().st_size
     report.generator = {
-        "phases": {phase: {"tokens": prepared["shapes"][phase]["input_ids"][1]} for phase in prepared["phases"]},
+        "phases": {phase: {"tokens": prepared["shapes"][phase]["input_ids"][1]} for phase in lowered.entries},
         "context": prepared["capacity"], "prefill_chunk": prepared["chunk"],
         "caches": len(spec.caches), "cache_shape": spec.cache_shape, "cache_writes_in_place": lowered.cache_writes_in_place,
         "weights": {"tensors": len(lowered.weights), "bytes": weight_bytes, "file": "params/tensor-cache.json"},
@@ -193,32 +205,55 @@ def generator_spec(phases: Mapping[str, onnx.ModelProto], capacity: int, chunk: 
                          device=device)
 
 
-def reference_plan(spec: Any, model: onnx.ModelProto, float_model: onnx.ModelProto | None) -> dict[str, Any]:
+def quantizes_activations(model: onnx.ModelProto) -> bool:
+    """Whether the quantized graph quantizes activations (W8A8), so fp32 logits judge the host check."""
+    from passes.deploy.host_check import ACTIVATION_QUANTIZERS
+
+    return any(node.op_type in ACTIVATION_QUANTIZERS for node in model.graph.node)
+
+
+def reference_plan(spec: Any, model: tuple[onnx.ModelProto, Mapping[str, np.ndarray] | None],
+                   float_model: tuple[onnx.ModelProto, Mapping[str, np.ndarray] | None] | None) -> dict[str, Any]:
     """What the host check replays: a seeded prompt (a chunk and a bit) prefilled in chunks, then
     `CHECK_DECODE_STEPS` greedy tokens, run by the exact reference (onnxruntime on `model`, integer
-    matmuls exact); the logits of each step, and fp32's on the same tokens where activations are quantized."""
-    from passes.deploy.host_check import ACTIVATION_QUANTIZERS
-    from passes.lowering._generate import OrtGenerator
-
-    runs = {"reference": OrtGenerator(model, spec, exact=True)}
-    if float_model is not None and any(node.op_type in ACTIVATION_QUANTIZERS for node in model.graph.node):
-        runs["fp32"] = OrtGenerator(float_model, spec, exact=True)
+    matmuls exact); the logits of each step, and fp32's on the same tokens where activations are quantized.
+    Each model comes with the values of its hollow initializers (`PassManager.run(hollow=True)`; None
+    when it is whole). The two run one after the other, so only one session holds weights at a time."""
+    reference = _Reference(*model, spec)
     prompt_length = min(spec.prefill_chunk + 3, spec.capacity - CHECK_DECODE_STEPS)
     rng = np.random.default_rng(0)
     steps: list[tuple[str, list[int], int]] = []
-    logits: dict[str, list[np.ndarray]] = {name: [] for name in runs}
+    logits: dict[str, list[np.ndarray]] = {"reference": []}
     position, token = 0, 0
     while position < prompt_length + CHECK_DECODE_STEPS:
         phase = "prefill" if position < prompt_length else "decode"
         size = min(spec.prefill_chunk, prompt_length - position) if phase == "prefill" else 1
         piece = [int(t) for t in rng.integers(0, spec.vocab, size)] if phase == "prefill" else [token]
         steps.append((phase, piece, position))
-        for name, generator in runs.items():
-            logits[name].append(generator.step(phase, piece, position))
+        logits["reference"].append(reference.step(phase, piece, position))
         token = int(np.argmax(logits["reference"][-1][-1]))
         position += size
+    del reference
+    if float_model is not None and quantizes_activations(model[0]):
+        fp32 = _Reference(*float_model, spec)
+        logits["fp32"] = [fp32.step(phase, piece, position) for phase, piece, position in steps]
     return {"steps": steps, "prompt_tokens": prompt_length,
             **{name: np.concatenate(values) for name, values in logits.items()}}
+
+
+class _Reference(OrtGenerator):
+    """`OrtGenerator(exact=True)` on a model whose weights may be given as arrays (hollow initializers,
+    see `passes.numerics.verify.ModelRunner`): the session reads them where they lie."""
+
+    def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray] | None, spec: Any) -> None:
+        from passes.numerics.verify import ModelRunner
+
+        Generator.__init__(self, spec)
+        runner = ModelRunner(model, weights=weights)
+        self._run = lambda names, feeds: [runner(feeds)[name] for name in names]
+        self._names = list(spec.inputs["decode"])
+        self._caches: list[np.ndarray] = []
+        self.reset()
 
 
 def check_generator(built: Any, weights: Mapping[str, np.ndarray], spec: Any, plan: Mapping[str, Any]) -> dict[str, Any]:
@@ -226,13 +261,11 @@ def check_generator(built: Any, weights: Mapping[str, np.ndarray], spec: Any, pl
     their magnitude; where activations are quantized (an ulp of float rounding can flip a code), the
     build's SQNR against fp32 may fall at most `QUANTIZED_MARGIN_DB` below the reference's.
     `VerificationError` when neither holds."""
-    import tvm
-
     from passes.deploy.host_check import QUANTIZED_MARGIN_DB
     from passes.lowering._generate import HostGenerator
     from passes.numerics.accuracy import sqnr_db
 
-    host = HostGenerator(built.executable, [tvm.runtime.tensor(np.ascontiguousarray(w)) for w in weights.values()], spec)
+    host = HostGenerator(built.executable, [_device_tensor(w) for w in weights.values()], spec)
     got = np.concatenate([host.step(phase, piece, position) for phase, piece, position in plan["steps"]])
     expected = plan["reference"]
     worst, scale = float(np.abs(got - expected).max()), float(np.abs(expected).max())
@@ -255,6 +288,17 @@ def check_generator(built: Any, weights: Mapping[str, np.ndarray], spec: Any, pl
                                 + (f"; SQNR vs fp32 {result['build_db']:.1f} dB, the reference's "
                                    f"{result['reference_db']:.1f} dB" if "build_db" in result else ""))
     return result
+
+
+def _device_tensor(weight: np.ndarray) -> Any:
+    """A TVM tensor of a lifted weight: its memory itself where it can be (a lifted weight is a view of a
+    TVM tensor), else a copy."""
+    import tvm
+
+    try:
+        return tvm.runtime.from_dlpack(weight)
+    except (TypeError, ValueError, RuntimeError, BufferError):
+        return tvm.runtime.tensor(np.ascontiguousarray(weight))
 
 
 def generator_roofline(prepared: Mapping[str, Any], target: Any) -> dict[str, Any]:

@@ -180,12 +180,12 @@ def _run_generator(model_path: str | os.PathLike[str], target: Any, final_dir: P
                                  prefill_chunk=prefill_chunk, pipeline=pipeline,
                                  settings=settings or QuantizeSettings(quantize, calibration),
                                  check_here=_runs_here(target), instruments=tuple(instruments), on_stage=on_stage)
-    result, decode = prepared["report"], prepared["phases"]["decode"]
+    result = prepared["report"]
     summary = summarize(prepared["model"])
     report = RunReport(
         target=target.name, model=str(model_path), output_dir=str(final_dir), bound_dims=prepared["bound"],
         pipeline_spec=pipeline or target.pipeline, pipeline=result.to_dict(), ops_before=result.ops_before,
-        ops_after=dict(ir.op_histogram(decode)), weight_bytes=summary.weight_bytes, parameters=summary.parameters,
+        ops_after=dict(ir.op_histogram(prepared["phases"]["decode"])), weight_bytes=summary.weight_bytes, parameters=summary.parameters,
         roofline=generator_roofline(prepared, target), missing_ops=missing_ops(result.ops_before,
                                                                                result.ops_after, target),
         build_seconds=0.0, artifacts={}, quantization=prepared["quantization"],

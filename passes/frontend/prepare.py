@@ -115,17 +115,20 @@ def prepare_model(
     result = PassManager(pipeline or target.pipeline, input_shapes=shapes, instruments=instruments).run(loaded.model)
     if settings.scheme != "none":
         stage("quantizing (smoothing, calibration, SQNR)")
-    optimized, quantization = _quantize(result.model, target, settings, shapes)
+    optimized, quantization, _ = _quantize(result.model, target, settings, shapes)
     return PreparedModel(optimized, dict(shapes), bound, result, quantization)
 
 
-def _quantize(model: onnx.ModelProto, target: Any, settings: QuantizeSettings,
-              shapes: Mapping[str, Sequence[int]]) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+def _quantize(model: onnx.ModelProto, target: Any, settings: QuantizeSettings, shapes: Mapping[str, Sequence[int]],
+              weights: Mapping[str, Any] | None = None) -> tuple[onnx.ModelProto, dict[str, Any] | None, Any]:
     """Smooth and quantize the matmul weights (scheme from the target when `auto`), keep sensitive layers
-    W8A16, and measure the cost: SQNR, and perplexity when there is text to read."""
+    W8A16, and measure the cost: SQNR, and perplexity when there is text to read. Returns the quantized
+    model, the summary and, when `model` is hollow with its `weights` given (`PassManager.run(hollow=True)`),
+    the quantized model's weights (it is hollow too: no protobuf copy of any weight is made)."""
     if settings.scheme == "none":
-        return model, None
+        return model, None, weights
     from passes.numerics.accuracy import quantization_report
+    from passes.numerics.verify import filled_model
     from passes.transforms.quantize_int8 import QuantizeInt8
     from passes.transforms.smooth_quant import SmoothQuant
 
@@ -139,11 +142,13 @@ def _quantize(model: onnx.ModelProto, target: Any, settings: QuantizeSettings,
         elements.append(SmoothQuant(alpha=settings.smooth, **calibration))
     quantizer = QuantizeInt8(scheme=scheme, min_sqnr=settings.min_layer_sqnr if int8_activations else 0.0,  # type: ignore[arg-type]
                              **calibration)
-    result = PassManager([*elements, quantizer, *parse_pipeline("cleanup").elements]).run(model)
+    result = PassManager([*elements, quantizer, *parse_pipeline("cleanup").elements]).run(
+        model, weights=weights, hollow=weights is not None)
     stats = {p.name: p.stats for p in result.report.passes}
     quantized = stats["quantize-int8"]
     feeds, accuracy_inputs = _accuracy_feeds(model, settings, shapes)
-    accuracy = quantization_report(model, result.model, feeds)
+    accuracy = quantization_report(model, result.model, feeds, original_weights=weights,
+                                   quantized_weights=result.weights)
     summary: dict[str, Any] = {
         "scheme": scheme,
         "activations": quantized.get("activations", "per-tensor" if scheme == "w8a8-static" else "float"),
@@ -159,11 +164,12 @@ def _quantize(model: onnx.ModelProto, target: Any, settings: QuantizeSettings,
         "accuracy_inputs": accuracy_inputs,
         "output_sqnr_db": accuracy.min_output_sqnr_db,
         "accuracy": accuracy.to_dict(),
-        "perplexity": _perplexity(model, result.model, settings) if settings.text else None,
+        "perplexity": _perplexity(filled_model(model, weights), filled_model(result.model, result.weights), settings)
+        if settings.text else None,
         "warnings": [],
     }
     _judge(summary, settings)
-    return result.model, summary
+    return result.model, summary, result.weights
 
 
 def _accuracy_feeds(model: onnx.ModelProto, settings: QuantizeSettings,

@@ -84,6 +84,8 @@ class PipelineReport:
 class RunResult:
     model: onnx.ModelProto
     report: PipelineReport
+    #: with `PassManager.run(..., hollow=True)`: the values of the model's hollow initializers, by name
+    weights: dict[str, Any] | None = None
 
 
 class StepView:
@@ -240,15 +242,21 @@ class PassManager:
             return self.check_contracts
         return os.environ.get("PASSES_CHECK_CONTRACTS", "") not in ("", "0")
 
-    def run(self, model: onnx.ModelProto) -> RunResult:
-        """Run the pipeline on `model` (left untouched) and return the new model and the report."""
+    def run(self, model: onnx.ModelProto, *, weights: Mapping[str, Any] | None = None,
+            hollow: bool = False) -> RunResult:
+        """Run the pipeline on `model` (left untouched) and return the new model and the report.
+
+        `weights` gives the values of the model's hollow initializers by name (`ir.hollow_export`,
+        `passes.numerics.verify.split_weights`): the graph uses those arrays, uncopied. With `hollow` the
+        result is a hollow model too, and `RunResult.weights` its values: the graph's own arrays, so a
+        large model's weights are never copied into protobuf messages."""
         # graphsurgeon graphs are dense with reference cycles (tensor <-> node); the cyclic collector
         # rescans them over and over while passes allocate, costing ~30 % on 7,000-node graphs.
         # Nothing here creates garbage cycles that must be reclaimed before the run ends.
         collecting = gc.isenabled()
         gc.disable()
         try:
-            result, heavy = self._run(model)
+            result, heavy = self._run(model, weights, hollow)
         finally:
             if collecting:
                 gc.enable()
@@ -256,13 +264,14 @@ class PassManager:
             gc.collect()  # the run's graph held the input's weights (and replaced ones) in cycles
         return result
 
-    def _run(self, model: onnx.ModelProto) -> tuple[RunResult, bool]:
+    def _run(self, model: onnx.ModelProto, weights: Mapping[str, Any] | None = None,
+             hollow: bool = False) -> tuple[RunResult, bool]:
         """The run, and whether the graph's constants passed HEAVY_BYTES (the caller then collects the
         graph's cycles as soon as it is gone)."""
         pipeline = self.resolved_pipeline()
         instruments = self._instruments()
         start = time.perf_counter()
-        graph = ir.import_graph(model)
+        graph = ir.import_graph(model, weights=weights)
         histogram = ir.op_histogram(graph)
         report = PipelineReport(pipeline.spec(), len(graph.nodes), len(graph.nodes), histogram, histogram)
         for instrument in instruments:
@@ -270,13 +279,17 @@ class PassManager:
         heavy = sum(ir.constant_nbytes(t) for t in ir.tensor_map(graph).values() if type(t) is gs.Constant) > HEAVY_BYTES
         _Runner(graph, report, instruments, self._full_contracts(), ops=histogram, heavy=heavy).run_elements(
             pipeline.elements, None)
-        result = ir.export_model(graph)
+        values = None
+        if hollow:
+            result, values = ir.hollow_export(graph)
+        else:
+            result = ir.export_model(graph)
         report.nodes_after = len(graph.nodes)
         report.ops_after = ir.op_histogram(graph)
         for instrument in instruments:
             instrument.after_pipeline(result, report)
         report.wall_s = time.perf_counter() - start
-        return RunResult(result, report), heavy
+        return RunResult(result, report, values), heavy
 
 
 @dataclass

@@ -90,24 +90,29 @@ def _packed_for_decode(model: onnx.ModelProto, target: Any, any_rows: bool = Fal
     return ir.export_model(graph) if result.modified else model  # unchanged: no export, no weight copy
 
 
-def lower_generator(phases: Mapping[str, onnx.ModelProto], target: Any, tuning: Any = None) -> LoweredModel:
+def lower_generator(phases: Mapping[str, onnx.ModelProto], target: Any, tuning: Any = None, *,
+                    release: bool = False) -> LoweredModel:
     """Lower the shape-frozen graphs of a generator's phases (e.g. {"prefill": .., "decode": ..}, made by
     `static-kv-cache` and shape freezing) into one module with one Relax function per phase; KV-cache
     writes on cache parameters happen in place, and the weights are lifted out of the code (one set,
-    shared by every phase: `LoweredModel.weights`). Raises `LoweringError`."""
+    shared by every phase: `LoweredModel.weights`). With `release`, `phases` (a dict) is emptied as each
+    phase is imported, so a graph's weights go as soon as TVM holds its own. Raises `LoweringError`."""
     if not phases:
         raise LoweringError("a generator needs at least one phase")
+    if release and not isinstance(phases, dict):
+        raise TypeError("lower_generator(release=True) empties the phases: pass a dict")
     with native_stderr_to_log():
-        return _lower(dict(phases), target, tuning)
+        return _lower(phases if release else dict(phases), target, tuning)
 
 
-def _import_phases(phases: Mapping[str, onnx.ModelProto], target: Any) -> tuple[tvm.IRModule, dict, Any]:
-    """Import each phase and gather their functions into one module, named after the phases."""
+def _import_phases(phases: dict[str, onnx.ModelProto], target: Any) -> tuple[tvm.IRModule, dict, Any]:
+    """Import each phase and gather their functions into one module, named after the phases; `phases` is
+    emptied on the way (each graph is dropped once imported)."""
     functions: dict[str, Any] = {}
     entries = {}
     imported = None
-    for name, model in phases.items():
-        imported = import_onnx(_packed_for_decode(model, target, any_rows=True))
+    for name in list(phases):
+        imported = import_onnx(_packed_for_decode(phases.pop(name), target, any_rows=True))
         functions[name] = imported.module["main"].with_attr("global_symbol", name)
         entries[name] = (imported.inputs, imported.outputs)
     assert imported is not None
@@ -126,22 +131,28 @@ def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tun
         module = imported.module
     seconds["import"] = time.perf_counter() - started
     tvm_target = _tvm_target(target)
+    counts = (imported.inputs, imported.outputs, imported.qlinear_matmuls_decomposed, imported.int8_matmuls)
+    del imported  # each module holds its own copy of the weights: none is kept past its last use
     dispatch = dispatch_int8_matmuls(module, target, tvm_target)
     if wants_w8a16(target):
         dispatch = dispatch_w8a16_matmuls(dispatch, target)
+    del module
     module, in_place = write_caches_in_place(dispatch.module, gpu=target.device == "gpu")
+    dispatched, dispatch_references = dispatch.dispatched, dispatch.references
+    del dispatch
     started = time.perf_counter()
     try:
         fused = legalize_and_fuse(module, tvm_target)
     except Exception as err:  # TVM raises its own error types from C++
         raise LoweringError(f"legalizing the model for target {target.name!r} failed: {last_line(err)}") from err
+    del module
     seconds["legalize"] = time.perf_counter() - started
-    references = MappingProxyType({name: dispatch.references.get(name, func) for name, func in prim_funcs(fused).items()})
+    references = MappingProxyType({name: dispatch_references.get(name, func) for name, func in prim_funcs(fused).items()})
     tuned: list[str] = []
     if tuning is not None:
         from passes.lowering._apply import apply_tuning
 
-        fused, tuned = apply_tuning(fused, references, kernel_families(dispatch.dispatched), tuning, tvm_target)
+        fused, tuned = apply_tuning(fused, references, kernel_families(dispatched), tuning, tvm_target)
     started = time.perf_counter()
     try:
         scheduled = schedule(fused, target, tvm_target)
@@ -150,13 +161,13 @@ def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tun
     except Exception as err:
         raise LoweringError(f"scheduling for target {target.name!r} failed: {last_line(err)}") from err
     seconds["schedule"] = time.perf_counter() - started
+    del fused
     weights: dict[str, Any] = {}
     if entries:
         scheduled, weights = lift_weights(scheduled)
-    logger.info("lowered for %s: %d kernels, %d int8 matmuls", target.name, len(references), imported.int8_matmuls)
+    logger.info("lowered for %s: %d kernels, %d int8 matmuls", target.name, len(references), counts[3])
     return LoweredModel(scheduled, references, target.name, target.backend, target.device, tvm_target,
-                        imported.inputs, imported.outputs, imported.qlinear_matmuls_decomposed,
-                        imported.int8_matmuls, MappingProxyType(seconds), dispatch.dispatched, tuple(tuned),
+                        *counts, MappingProxyType(seconds), dispatched, tuple(tuned),
                         MappingProxyType(entries), MappingProxyType(weights), in_place)
 
 

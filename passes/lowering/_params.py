@@ -37,7 +37,8 @@ INDEX = "tensor-cache.json"
 def lift_weights(module: tvm.IRModule, min_bytes: int = MIN_LIFTED_BYTES) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
     """Replace every constant of at least `min_bytes` in the module's Relax functions by a parameter
     appended to each function (the same list, in the same order, for every function); return the module
-    and {parameter name: value}. Equal constants (dtype, shape, bytes) become one parameter."""
+    and {parameter name: value}. Equal constants (dtype, shape, bytes) become one parameter; a value is a
+    numpy view of the constant's own memory (no copy).""" 
     table: dict[tuple, str] = {}
     weights: dict[str, np.ndarray] = {}
     names: dict[Any, str] = {}  # each constant object -> its parameter (read and hashed once)
@@ -47,11 +48,10 @@ def lift_weights(module: tvm.IRModule, min_bytes: int = MIN_LIFTED_BYTES) -> tup
             if isinstance(expr, tvm.ir.GenericConst) and expr not in names:  # (IntImm is a tvm.ir.Constant too)
                 stored = expr.value
                 if int(np.prod(stored.shape, dtype=np.int64)) * np.dtype(str(stored.dtype)).itemsize >= min_bytes:
-                    value = stored.numpy()
-                    key = _key(value)
+                    key = _key(stored.numpy())  # a copy for the hash alone, one constant at a time
                     if key not in table:
                         table[key] = f"param_{len(table)}"
-                        weights[table[key]] = value
+                        weights[table[key]] = _view(stored)
                     names[expr] = table[key]
 
         relax.analysis.post_order_visit(func.body, visit)
@@ -77,6 +77,15 @@ class _Lifter(relax.PyExprMutator):
     def visit_generic_const_(self, const: tvm.ir.GenericConst) -> relax.Expr:  # noqa: N802 (TVM's naming)
         name = self.names.get(const)
         return const if name is None else self.vars[name]
+
+
+def _view(stored: Any) -> np.ndarray:
+    """A numpy view of a TVM tensor's memory (it keeps the tensor alive): the weight is not copied, and
+    the module's other copies (a constant each phase folded for itself) go when the old module does."""
+    try:
+        return np.from_dlpack(stored)
+    except (TypeError, RuntimeError, BufferError):
+        return stored.numpy()
 
 
 def _key(value: np.ndarray) -> tuple:

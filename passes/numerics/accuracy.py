@@ -99,14 +99,18 @@ def output_accuracy(reference: Sequence[Mapping[str, np.ndarray]],
 
 
 def quantization_report(original: onnx.ModelProto, quantized: onnx.ModelProto,
-                        feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]) -> AccuracyReport:
-    """Per-layer and per-output accuracy of `quantized` against `original` on `feeds`."""
+                        feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]], *,
+                        original_weights: Mapping[str, np.ndarray] | None = None,
+                        quantized_weights: Mapping[str, np.ndarray] | None = None) -> AccuracyReport:
+    """Per-layer and per-output accuracy of `quantized` against `original` on `feeds`; the `*_weights`
+    are the values of hollow initializers (see `passes.numerics.verify.ModelRunner`). The two models
+    run one after the other."""
     feed_list = [feeds] if isinstance(feeds, Mapping) else list(feeds)
     layers = _layers(original, quantized)
     outputs = [o.name for o in original.graph.output]
     names = list(dict.fromkeys([*layers, *outputs]))
-    reference = collect_tensors(original, names, feed_list)
-    candidate = collect_tensors(quantized, names, feed_list)
+    reference = collect_tensors(original, names, feed_list, weights=original_weights)
+    candidate = collect_tensors(quantized, names, feed_list, weights=quantized_weights)
     report = AccuracyReport(samples=len(feed_list))
     report.layers = [tensor_accuracy(n, reference[n], candidate[n], rewritten) for n, rewritten in layers.items()]
     report.outputs = [tensor_accuracy(n, reference[n], candidate[n]) for n in outputs]

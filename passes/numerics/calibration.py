@@ -2,7 +2,7 @@
 
     ranges = activation_ranges(model, ["x", "h"], feeds, percentile=99.99)   # {name: TensorRange}
 
-The model runs under onnxruntime (`passes.numerics.verify.run_model`, so onnx.reference where ORT lacks an
+The model runs under onnxruntime (`passes.numerics.verify.ModelRunner`, so onnx.reference where ORT lacks an
 op) as a *copy* with the tensors exposed as extra graph outputs; the caller's model is never modified.
 Estimators reduce every value seen for a tensor (over all feeds) to a [low, high] range:
 
@@ -25,11 +25,9 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from passes.core import ir
 from passes.core.errors import VerificationError
-from passes.numerics.verify import ModelRunner, input_dims, random_feeds
+from passes.numerics.verify import ModelRunner, input_dims, random_feeds, with_outputs  # noqa: F401 (with_outputs: part of this module's surface)
 
 Feeds = Mapping[str, np.ndarray]
 Estimator = Literal["minmax", "percentile", "entropy"]
@@ -51,30 +49,12 @@ class TensorRange:
     high: float
 
 
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` whose graph also outputs `names` (types from shape inference; a name that
-    is already an output or a graph input is left as it is)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
-    wanted = [n for n in dict.fromkeys(names) if n not in present]
-    if not wanted:
-        return copy
-    inferred = onnx.shape_inference.infer_shapes(ir.model_skeleton(model))
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    produced = {out for node in copy.graph.node for out in node.output}
-    for name in wanted:
-        if name not in produced:
-            raise VerificationError(f"tensor '{name}' is not produced by any node of the model")
-        copy.graph.output.append(helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None))
-    return copy
-
-
-def collect_tensors(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feeds]) -> dict[str, list[np.ndarray]]:
-    """The values of `names` (intermediate tensors, graph outputs or inputs) on each of `feeds`."""
-    exposed = with_outputs(model, names)
+def collect_tensors(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feeds], *,
+                    weights: Mapping[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
+    """The values of `names` (intermediate tensors, graph outputs or inputs) on each of `feeds`;
+    `weights`: arrays the caller holds for the model's initializers (see `ModelRunner`)."""
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    runner = ModelRunner(exposed)
+    runner = ModelRunner(model, outputs=names, weights=weights)
     for feed in feeds:
         values = {**dict(feed), **runner(feed)}
         for name in names:

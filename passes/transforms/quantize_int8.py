@@ -245,7 +245,7 @@ class QuantizeInt8(Pass):
         """Each candidate activation's values on the calibration set, and where that set came from."""
         from passes.numerics import calibration
 
-        model = ir.export_model(graph)
+        model, values = ir.hollow_export(graph)  # the weights stay the graph's arrays
         if self.calibration:
             feeds = calibration.load_calibration(self.calibration, model, tokenizer=self.tokenizer or None,
                                                  samples=self.samples)
@@ -253,7 +253,7 @@ class QuantizeInt8(Pass):
         else:
             feeds, source = calibration.generated_feeds(model), "generated"
         names = list(dict.fromkeys(x for x, _ in candidates.values()))
-        return calibration.collect_tensors(model, names, feeds), source
+        return calibration.collect_tensors(model, names, feeds, weights=values), source
 
     def _sensitivity(self, graph: gs.Graph, candidates: Mapping[str, tuple[str, np.ndarray]],
                      samples: Mapping[str, list[np.ndarray]],

@@ -84,14 +84,15 @@ class SmoothQuant(Pass):
         stats: dict[str, StatValue] = {"alpha": self.alpha, "groups": len(groups), "activations_smoothed": 0}
         if not groups or self.alpha == 0.0:
             return PassResult(graph, False, stats)
-        model = ir.export_model(graph)
+        model, values = ir.hollow_export(graph)  # the weights stay the graph's arrays
         if self.calibration:
             feeds = calibration.load_calibration(self.calibration, model, tokenizer=self.tokenizer or None,
                                                  samples=self.samples)
             stats["calibration"] = "text" if self.tokenizer else "file"
         else:
             feeds, stats["calibration"] = calibration.generated_feeds(model), "generated"
-        collected = calibration.collect_tensors(model, [g.x.name for g in groups], feeds)
+        collected = calibration.collect_tensors(model, [g.x.name for g in groups], feeds, weights=values)
+        del values
         ctx = RewriteContext(graph)
         largest = 1.0
         for group in groups:

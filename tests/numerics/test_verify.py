@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from passes.testing import EquivalenceError, assert_equivalent
 from passes.numerics.verify import compare_outputs, input_dims, random_feeds, run_model
@@ -78,3 +78,46 @@ def test_scaled_atol_grows_with_the_output_magnitude() -> None:
                                rtol=1e-4, atol=1e-4, scale_atol=True).ok
     small = {"p": np.array([0.5, 0.0], np.float32)}  # below 1: atol is not shrunk
     assert compare_outputs(small, {"p": np.array([0.5, 9e-5], np.float32)}, rtol=1e-4, atol=1e-4, scale_atol=True).ok
+
+
+def _matmul_chain(rng: np.random.Generator) -> onnx.ModelProto:
+    """x @ W1 -> Relu -> @ W2 (+ b): float weights past INLINE_BYTES, which onnxruntime prepacks."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    weights = [init("w1", rng.standard_normal((96, 160)).astype(np.float32)),
+               init("w2", rng.standard_normal((160, 48)).astype(np.float32)), init("b", np.ones(48, np.float32))]
+    return model(nodes, [tensor("x", [3, 96])], [tensor("y", [3, 48])], weights)
+
+
+def test_runner_hands_weights_over_in_place_and_computes_what_a_serialized_session_does() -> None:
+    import onnxruntime as ort
+
+    from passes.numerics.verify import ModelRunner, split_weights
+
+    m = _matmul_chain(np.random.default_rng(0))
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 96)).astype(np.float32)}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    serialized = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    expected = serialized.run(None, feeds)[0]
+    assert np.array_equal(ModelRunner(m)(feeds)["y"], expected)  # bit for bit: prepacking kept
+    hollow, arrays = split_weights(m)
+    assert set(arrays) == {"w1", "w2"} and not any(t.raw_data for t in hollow.graph.initializer if t.name in arrays)
+    runner = ModelRunner(hollow, weights=arrays, outputs=["h"])
+    got = runner(feeds)
+    assert np.array_equal(got["y"], expected)
+    assert np.array_equal(got["h"], feeds["x"] @ numpy_helper.to_array(m.graph.initializer[0]))
+
+
+def test_a_hollow_pipeline_run_keeps_the_graphs_arrays_and_fills_back_to_the_whole_run() -> None:
+    from passes.infra.manager import PassManager
+    from passes.numerics.verify import filled_model, split_weights
+
+    m = _matmul_chain(np.random.default_rng(2))
+    whole = PassManager("cleanup").run(m).model
+    hollow, arrays = split_weights(m)
+    result = PassManager("cleanup").run(hollow, weights=arrays, hollow=True)
+    assert result.weights is not None and all(result.weights[name] is arrays[name] for name in arrays)
+    filled = filled_model(result.model, result.weights)
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in filled.graph.initializer} == \
+        {t.name: numpy_helper.to_array(t).tobytes() for t in whole.graph.initializer}

@@ -32,7 +32,7 @@ from passes.frontend.prepare import BoundDim, QuantizeSettings, _quantize
 from passes.numerics.verify import filled_model
 from passes.infra.manager import Instrument, PassManager
 from passes.infra.pipeline import parse_pipeline
-from passes.lowering._generate import Generator, OrtGenerator
+from passes.lowering._generate import OrtGenerator
 from passes.transforms.static_kv_cache import CACHE_POSITION, StaticKvCache, cache_pairs
 
 #: host check: logits of the build and onnxruntime agree within RTOL x max |reference logits| (+ ATOL)
@@ -219,7 +219,7 @@ def reference_plan(spec: Any, model: tuple[onnx.ModelProto, Mapping[str, np.ndar
     matmuls exact); the logits of each step, and fp32's on the same tokens where activations are quantized.
     Each model comes with the values of its hollow initializers (`PassManager.run(hollow=True)`; None
     when it is whole). The two run one after the other, so only one session holds weights at a time."""
-    reference = _Reference(*model, spec)
+    reference = OrtGenerator(model[0], spec, exact=True, weights=model[1])
     prompt_length = min(spec.prefill_chunk + 3, spec.capacity - CHECK_DECODE_STEPS)
     rng = np.random.default_rng(0)
     steps: list[tuple[str, list[int], int]] = []
@@ -235,25 +235,10 @@ def reference_plan(spec: Any, model: tuple[onnx.ModelProto, Mapping[str, np.ndar
         position += size
     del reference
     if float_model is not None and quantizes_activations(model[0]):
-        fp32 = _Reference(*float_model, spec)
+        fp32 = OrtGenerator(float_model[0], spec, exact=True, weights=float_model[1])
         logits["fp32"] = [fp32.step(phase, piece, position) for phase, piece, position in steps]
     return {"steps": steps, "prompt_tokens": prompt_length,
             **{name: np.concatenate(values) for name, values in logits.items()}}
-
-
-class _Reference(OrtGenerator):
-    """`OrtGenerator(exact=True)` on a model whose weights may be given as arrays (hollow initializers,
-    see `passes.numerics.verify.ModelRunner`): the session reads them where they lie."""
-
-    def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray] | None, spec: Any) -> None:
-        from passes.numerics.verify import ModelRunner
-
-        Generator.__init__(self, spec)
-        runner = ModelRunner(model, weights=weights)
-        self._run = lambda names, feeds: [runner(feeds)[name] for name in names]
-        self._names = list(spec.inputs["decode"])
-        self._caches: list[np.ndarray] = []
-        self.reset()
 
 
 def check_generator(built: Any, weights: Mapping[str, np.ndarray], spec: Any, plan: Mapping[str, Any]) -> dict[str, Any]:

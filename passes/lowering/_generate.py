@@ -23,7 +23,7 @@ import os
 import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,17 +219,19 @@ class OrtGenerator(Generator):
     """The same static-cache graph under onnxruntime: the reference a build's tokens are compared with.
 
     `exact` runs it as `passes.numerics.verify.ModelRunner` does (integer matmuls exact on every CPU,
-    graph optimisations off: a reference, not a speed peer); otherwise a plain session on `threads`."""
+    graph optimisations off: a reference, not a speed peer; `weights` gives the values of a hollow model's
+    initializers, read where they lie); otherwise a plain session on `threads`."""
 
     def __init__(self, model: Path | onnx.ModelProto, spec: GeneratorSpec, threads: int | None = None,
-                 exact: bool = False) -> None:
+                 exact: bool = False, weights: Mapping[str, np.ndarray] | None = None) -> None:
         import onnxruntime as ort
 
         super().__init__(spec)
         if exact:
             from passes.numerics.verify import ModelRunner
 
-            runner = ModelRunner(model if isinstance(model, onnx.ModelProto) else onnx.load_model(str(model)))
+            runner = ModelRunner(model if isinstance(model, onnx.ModelProto) else onnx.load_model(str(model)),
+                                 weights=weights)
             self._run = lambda names, feeds: [runner(feeds)[name] for name in names]
             self._names = list(spec.inputs["decode"])
         else:

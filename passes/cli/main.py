@@ -159,18 +159,13 @@ def generate(folder: Path, prompt_ids: str | None, prompt: str | None, tokenizer
     """Generate greedy tokens with a generator build (FOLDER = `passes run` output for a KV-cache export):
     a host build on this machine, any build on a phone through a TVM RPC tracker (--tracker, --key)."""
     from passes.cli import _render_generate, _status
-    from passes.deploy.generate import GenerateError, generate_tokens
+    from passes.deploy.generate import generate_tokens, parse_prompt_ids
     from passes.lowering._rpc import Tracker
 
     if key is not None and tracker is None:
         raise click.UsageError("--key needs --tracker HOST:PORT")
     device = Tracker.parse(tracker, key) if tracker is not None else None
-    ids = None
-    if prompt_ids is not None:
-        try:
-            ids = [int(part) for part in prompt_ids.split(",") if part.strip()]
-        except ValueError:
-            raise GenerateError(f"--prompt-ids takes comma-separated integers, got {prompt_ids!r}") from None
+    ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else None
     with _status.status(enabled=not as_json) as shown:
         shown.stage(f"loading the generator in {folder}")
         report = generate_tokens(folder, prompt_ids=ids, prompt=prompt, tokenizer=tokenizer,

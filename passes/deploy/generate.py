@@ -46,6 +46,14 @@ class GenerateReport:
         return asdict(self)
 
 
+def parse_prompt_ids(text: str) -> list[int]:
+    """`--prompt-ids 1,2,3` as token ids."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise GenerateError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
 def generate_tokens(folder: str | os.PathLike[str], *, prompt_ids: Sequence[int] | None = None, prompt: str | None = None,
                     tokenizer: str | os.PathLike[str] | None = None, max_new_tokens: int = 32,
                     compare: bool = True, tracker: Tracker | None = None, session_timeout_s: float = 600.0,

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from passes.core.errors import VerificationError
-from passes.numerics.verify import ModelRunner, input_dims, random_feeds, with_outputs  # noqa: F401 (with_outputs: part of this module's surface)
+from passes.numerics.verify import ModelRunner, input_dims, random_feeds
 
 Feeds = Mapping[str, np.ndarray]
 Estimator = Literal["minmax", "percentile", "entropy"]

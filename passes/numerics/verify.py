@@ -24,14 +24,18 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from passes.core.errors import VerificationError
 from passes.numerics.exact import (IntegerOpError, decompose_qlinear_matmul, exact_integer_model,
                                    needs_reference_evaluator)
-from passes.core._validate import PROTOBUF_LIMIT, proto_size, tensor_nbytes
-from passes.core.io import save_model
-from passes.core._skeleton import INLINE_BYTES, model_skeleton
+from passes.numerics.hollow import (decomposes, exposing, filled_model, hollow_model, placeholder_model,
+                                    shared_arrays, split_weights, with_outputs)
+
+__all__ = ["DEFAULT_ATOL", "DEFAULT_DYNAMIC_DIM", "DEFAULT_RTOL", "TEST_DIMS_KEY", "Comparison", "ModelRunner",
+           "OutputComparison", "check_feed_budget", "compare_models", "compare_outputs", "default_max_feed_bytes",
+           "filled_model", "hollow_model", "input_dims", "max_feed_bytes", "random_feeds", "run_model",
+           "split_weights", "with_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,13 +248,13 @@ class ModelRunner:
         given = dict(weights or {})
         if needs_reference_evaluator(model):
             logger.info("the model holds ConvInteger or QLinearConv; using onnx.reference (exact int32)")
-            self._reference = _exposing(filled_model(model, given), outputs)
+            self._reference = exposing(filled_model(model, given), outputs)
             self.names = [o.name for o in self._reference.graph.output]
             return
         try:
-            decomposed, _ = decompose_qlinear_matmul(filled_model(model, given) if _decomposes(model) else model)
-            arrays = _shared_arrays(decomposed, given)
-            light = exact_integer_model(_exposing(hollow_model(decomposed, set(arrays)), outputs, decomposed))
+            decomposed, _ = decompose_qlinear_matmul(filled_model(model, given) if decomposes(model) else model)
+            arrays = shared_arrays(decomposed, given)
+            light = exact_integer_model(exposing(hollow_model(decomposed, set(arrays)), outputs, decomposed))
         except IntegerOpError as err:
             raise VerificationError(str(err)) from err
         self.names = [o.name for o in light.graph.output]
@@ -266,7 +270,7 @@ class ModelRunner:
             self._shared.append(ort.OrtValue.ortvalue_from_numpy(array))
             options.add_initializer(name, self._shared[-1])
         with tempfile.TemporaryDirectory(prefix="passes-verify-") as folder:
-            source = _placeholder_model(light, arrays, Path(folder))
+            source = placeholder_model(light, arrays, Path(folder))
             try:
                 self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             except Exception as err:  # ORT lacks the op, or the opset: onnx.reference implements the spec
@@ -282,122 +286,6 @@ class ModelRunner:
             return dict(zip(self.names, self._session.run(self.names, dict(feeds))))
         except Exception as err:
             raise VerificationError(f"onnxruntime failed to run the model: {str(err).splitlines()[0]}") from err
-
-
-#: the file every hollow initializer of a session's model points at; sparse, so it costs no disk
-PLACEHOLDER = "weights-given-by-add-initializer.bin"
-
-
-def hollow_model(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of `model` whose initializers in `names` keep their name, dims and type but no bytes (the
-    top-level graph; everything else is copied, so the copy costs what the model's small parts do)."""
-    light = onnx.ModelProto()
-    _copy_fields(model, light, skip="graph")
-    graph = model.graph
-    _copy_fields(graph, light.graph, skip="initializer")
-    for tensor in graph.initializer:
-        if tensor.name in names:
-            light.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
-        else:
-            light.graph.initializer.append(tensor)
-    return light
-
-
-def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The model hollow (`hollow_model`) and its initializers past `INLINE_BYTES` as arrays: once the
-    caller drops `model`, its weights live once, as numpy (`ModelRunner(hollow, weights=arrays)` runs it)."""
-    arrays = _shared_arrays(model, {})
-    return hollow_model(model, set(arrays)), arrays
-
-
-def _copy_fields(source: Any, destination: Any, skip: str) -> None:
-    """Copy every set field of a protobuf message but `skip` into `destination`."""
-    for descriptor, value in source.ListFields():
-        if descriptor.name == skip:
-            continue
-        if descriptor.is_repeated:
-            getattr(destination, descriptor.name).extend(value)
-        elif descriptor.message_type is not None:
-            getattr(destination, descriptor.name).CopyFrom(value)
-        else:
-            setattr(destination, descriptor.name, value)
-
-
-def _shared_arrays(model: onnx.ModelProto, given: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays onnxruntime reads in place: those `given`, and every initializer past `INLINE_BYTES`
-    (read out of the model: the one copy made)."""
-    arrays: dict[str, np.ndarray] = {}
-    for tensor in model.graph.initializer:
-        value = given.get(tensor.name)
-        if value is None and tensor_nbytes(tensor) > INLINE_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            value = numpy_helper.to_array(tensor)
-        if value is not None:
-            arrays[tensor.name] = np.ascontiguousarray(value)
-    return arrays
-
-
-def _placeholder_model(light: onnx.ModelProto, arrays: Mapping[str, np.ndarray], folder: Path) -> str | bytes:
-    """The session's source: the hollow initializers point into a sparse placeholder file (onnxruntime
-    checks that the file is there, then takes the arrays added by `add_initializer` instead of reading
-    it). As bytes when no initializer is hollow."""
-    hollow = [t for t in light.graph.initializer if t.name in arrays]
-    if not hollow:
-        return light.SerializeToString() if proto_size(light) < PROTOBUF_LIMIT else \
-            str(save_model(light, folder / "model.onnx", external_data=True))
-    with open(folder / PLACEHOLDER, "wb") as handle:
-        handle.truncate(max(int(a.nbytes) for a in arrays.values()) or 1)
-    for tensor in hollow:
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        for key, value in (("location", PLACEHOLDER), ("offset", "0"), ("length", str(arrays[tensor.name].nbytes))):
-            tensor.external_data.add(key=key, value=value)
-    path = folder / "model.onnx"
-    path.write_bytes(light.SerializeToString())
-    return str(path)
-
-
-def filled_model(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None) -> onnx.ModelProto:
-    """`model` with the bytes of its initializers named in `arrays` (a copy; the model itself when none):
-    a hollow model (`split_weights`, `PassManager.run(hollow=True)`) made whole."""
-    if not arrays:
-        return model
-    full = hollow_model(model, set(arrays))
-    for tensor in full.graph.initializer:
-        if tensor.name in arrays:
-            tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name], tensor.name))
-    return full
-
-
-def _decomposes(model: onnx.ModelProto) -> bool:
-    return any(node.op_type == "QLinearMatMul" for node in model.graph.node)
-
-
-def _exposing(model: onnx.ModelProto, names: Sequence[str], types_from: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """`with_outputs`, or the model itself when no output is asked for."""
-    return with_outputs(model, names, types_from=types_from) if names else model
-
-
-def with_outputs(model: onnx.ModelProto, names: Sequence[str], *,
-                 types_from: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """A copy of `model` whose graph also outputs `names` (types from shape inference on `types_from`, by
-    default the model; a name that is already an output or a graph input is left as it is). A hollow
-    model (`hollow_model`) keeps the copy small."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    source = types_from or model
-    initializers = {t.name for t in source.graph.initializer}
-    present = {o.name for o in copy.graph.output} | {i.name for i in source.graph.input if i.name not in initializers}
-    wanted = [n for n in dict.fromkeys(names) if n not in present]
-    if not wanted:
-        return copy
-    inferred = onnx.shape_inference.infer_shapes(model_skeleton(source))
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    produced = {out for node in copy.graph.node for out in node.output}
-    for name in wanted:
-        if name not in produced:
-            raise VerificationError(f"tensor '{name}' is not produced by any node of the model")
-        copy.graph.output.append(helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None))
-    return copy
 
 
 def _run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

@@ -216,8 +216,8 @@ def reference_plan(spec: Any, model: tuple[onnx.ModelProto, Mapping[str, np.ndar
                    float_model: tuple[onnx.ModelProto, Mapping[str, np.ndarray] | None] | None) -> dict[str, Any]:
     """What the host check replays: a seeded prompt (a chunk and a bit) prefilled in chunks, then
     `CHECK_DECODE_STEPS` greedy tokens, run by the exact reference (onnxruntime on `model`, integer
-    matmuls exact); the logits of each step, and fp32's on the same tokens where activations are quantized.
-    Each model comes with the values of its hollow initializers (`PassManager.run(hollow=True)`; None
+    matmuls exact); the logits of each step, and fp32's on the same tokens when `float_model` is given
+    (the caller gives it where activations are quantized: `quantizes_activations`). Each model comes with the values of its hollow initializers (`PassManager.run(hollow=True)`; None
     when it is whole). The two run one after the other, so only one session holds weights at a time."""
     reference = OrtGenerator(model[0], spec, exact=True, weights=model[1])
     prompt_length = min(spec.prefill_chunk + 3, spec.capacity - CHECK_DECODE_STEPS)
@@ -234,7 +234,7 @@ def reference_plan(spec: Any, model: tuple[onnx.ModelProto, Mapping[str, np.ndar
         token = int(np.argmax(logits["reference"][-1][-1]))
         position += size
     del reference
-    if float_model is not None and quantizes_activations(model[0]):
+    if float_model is not None:
         fp32 = OrtGenerator(float_model[0], spec, exact=True, weights=float_model[1])
         logits["fp32"] = [fp32.step(phase, piece, position) for phase, piece, position in steps]
     return {"steps": steps, "prompt_tokens": prompt_length,

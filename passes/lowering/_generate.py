@@ -282,7 +282,7 @@ class RemoteGenerator(Generator):
         super().__init__(spec)
         from tvm import relax
 
-        from passes.lowering._params import INDEX
+        from passes.lowering._params import cache_files, param_order, read_index
 
         self._session = session
         self.device = getattr(session, spec.device)(0)
@@ -291,9 +291,8 @@ class RemoteGenerator(Generator):
             session.upload(str(library))
         on_stage(f"loading {library.name} on the device")
         module = session.load_module(library.name)
-        params = folder / "params"
-        index = json.loads((params / INDEX).read_text())
-        files = [params / INDEX, *(params / shard["dataPath"] for shard in index["records"])]
+        index = read_index(folder / "params")
+        files = cache_files(folder / "params", index)
         total = sum(path.stat().st_size for path in files)
         sent = 0
         for path in files:  # the RPC server's work folder is flat: the cache's files sit at its top
@@ -305,8 +304,7 @@ class RemoteGenerator(Generator):
         local_type = self.device.dlpack_device_type() % RPC_SESSION_MASK  # the type as the device's runtime sees it
         session.get_function("vm.builtin.tensor_cache.load")(work, local_type, self.device.index)
         get = session.get_function("vm.builtin.tensor_cache.get")
-        order = index.get("metadata", {}).get("order") or [r["name"] for s in index["records"] for r in s["records"]]
-        self._weights = [get(name) for name in order]
+        self._weights = [get(name) for name in param_order(index)]
         session.get_function("vm.builtin.tensor_cache.clear")()  # the weights stay alive through our handles
         self._vm = relax.VirtualMachine(module, self.device)
         self._timers = {phase: self._vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=1)

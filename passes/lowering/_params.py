@@ -101,23 +101,36 @@ def write_params(weights: Mapping[str, np.ndarray], folder: Path, shard_mb: int 
     with contextlib.redirect_stdout(io.StringIO()):  # it reports each shard on stdout
         dump_tensor_cache(dict(weights), str(folder), encode_format="raw", shard_cap_mb=shard_mb,
                           show_progress=False, meta_data={"ParamSize": len(weights), "order": list(weights)})
-    index = json.loads((folder / INDEX).read_text())
-    return [folder / INDEX, *(folder / shard["dataPath"] for shard in index["records"])]
+    return cache_files(folder, read_index(folder))
 
 
 def read_params(folder: Path) -> dict[str, np.ndarray]:
     """{name: array} of a tensor cache, in the order the functions take them; the arrays map the shard
     files (read-only, nothing copied until used)."""
     folder = Path(folder)
-    index = json.loads((folder / INDEX).read_text())
+    index = read_index(folder)
     found: dict[str, np.ndarray] = {}
     for shard in index["records"]:
         data = np.memmap(folder / shard["dataPath"], dtype=np.uint8, mode="r")
         for record in shard["records"]:
             start, size = record["byteOffset"], record["nbytes"]
             found[record["name"]] = data[start:start + size].view(np.dtype(record["dtype"])).reshape(record["shape"])
-    order = index.get("metadata", {}).get("order") or list(found)
-    return {name: found[name] for name in order}
+    return {name: found[name] for name in param_order(index)}
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    """The tensor cache's index (`tensor-cache.json`) in `folder`."""
+    return json.loads((Path(folder) / INDEX).read_text())
+
+
+def cache_files(folder: Path, index: Mapping[str, Any]) -> list[Path]:
+    """The files of the tensor cache in `folder`: the index first, then its shards."""
+    return [Path(folder) / INDEX, *(Path(folder) / shard["dataPath"] for shard in index["records"])]
+
+
+def param_order(index: Mapping[str, Any]) -> list[str]:
+    """The parameters' names in the order the functions take them."""
+    return index.get("metadata", {}).get("order") or [r["name"] for s in index["records"] for r in s["records"]]
 
 
 def load_params(folder: Path, device: tvm.runtime.Device | None = None) -> list[tvm.runtime.Tensor]:

@@ -41,7 +41,7 @@ from onnx_graphsurgeon.importers import onnx_importer
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
-from passes.core._skeleton import node_pieces, value_info_pieces
+from passes.core._skeleton import _PIECE, node_pieces, touch, value_info_pieces
 from passes.core._validate import tensor_nbytes
 from passes.core._walk import tensor_map
 
@@ -138,7 +138,58 @@ def install() -> None:
     onnx_exporter.dtype_to_onnx = _cached_dtype_to_onnx(onnx_exporter.dtype_to_onnx)
     onnx_exporter.OnnxExporter.export_value_info_proto = staticmethod(export_value_info_proto)  # type: ignore[method-assign]
     onnx_exporter.constant_to_onnx_tensor = constant_to_onnx_tensor
+    _track_changes()
     setattr(onnx_exporter, _PATCHED, True)
+
+
+def _track_changes() -> None:
+    """Make every graphsurgeon mutator `touch` the nodes it changes, so that the skeleton cache
+    (`passes.core._skeleton`) re-encodes exactly those: a write to a node's field (op, name, domain, attrs,
+    inputs or outputs reassigned), any change to a synchronized list on either side (`node.inputs[i] = t`
+    changes the tensor's consumer list too, and `tensor.outputs.append(node)` the node's inputs: both
+    sides go through `_add_to_elem` / `_remove_from_elem`), a tensor's rename (its producers' and
+    consumers' pieces spell the name) and a tensor turned constant or variable in place."""
+    node_setattr = gs.Node.__setattr__
+    tensor_setattr = gs.Tensor.__setattr__
+    add, remove = SynchronizedList._add_to_elem, SynchronizedList._remove_from_elem
+
+    def node_field(self: gs.Node, name: str, value: Any) -> None:
+        self.__dict__.pop(_PIECE, None)
+        node_setattr(self, name, value)
+
+    def tensor_field(self: gs.Tensor, name: str, value: Any) -> None:
+        if name == "name":
+            _touch_users(self)
+        tensor_setattr(self, name, value)
+
+    def added(self: SynchronizedList, elem: Any) -> None:
+        touch(self.parent_obj)
+        touch(elem)
+        add(self, elem)
+
+    def removed(self: SynchronizedList, elem: Any) -> None:
+        touch(self.parent_obj)
+        touch(elem)
+        remove(self, elem)
+
+    def kind_change(method: Any) -> Any:
+        def changed(self: gs.Tensor, *args: Any, **kwargs: Any) -> Any:
+            _touch_users(self)
+            return method(self, *args, **kwargs)
+        return changed
+
+    gs.Node.__setattr__ = node_field  # type: ignore[method-assign]
+    gs.Tensor.__setattr__ = tensor_field  # type: ignore[method-assign]
+    SynchronizedList._add_to_elem = added  # type: ignore[method-assign]
+    SynchronizedList._remove_from_elem = removed  # type: ignore[method-assign]
+    gs.Tensor.to_constant = kind_change(gs.Tensor.to_constant)  # type: ignore[method-assign]
+    gs.Tensor.to_variable = kind_change(gs.Tensor.to_variable)  # type: ignore[method-assign]
+
+
+def _touch_users(tensor: gs.Tensor) -> None:
+    fields = tensor.__dict__
+    for node in (*fields.get("inputs", ()), *fields.get("outputs", ())):
+        node.__dict__.pop(_PIECE, None)
 
 
 def _cached_dtype_to_onnx(convert: Any) -> Any:

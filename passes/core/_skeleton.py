@@ -7,11 +7,21 @@ constants one per round (inference), so a graph's skeleton is built as *serializ
 per-node and per-constant pieces cached on the graph: a piece is re-encoded only when its node or constant
 changed, and no message is copied (protobuf's `extend` copies each message through serialisation, which
 was most of the cost). The onnx checker and shape inference take the bytes as they are.
-Re-exported by `passes.core.ir`.
+
+A node's piece is kept on the node itself until the node changes. Changes are seen as they happen, not by
+comparing every node on every walk (which cost 12 ms per walk on a 6,500-node graph, eight walks a
+pipeline run): `passes.core._gs_compat` hooks graphsurgeon's mutators (Node attribute writes, the
+synchronized input/output lists on either side, a tensor's rename or change of kind) to call `touch`,
+and `passes.core.ir`'s own list surgery does the same. Attribute dicts are the exception (passes write
+`node.attrs[key] = value`): their values are compared by identity on every walk. With
+PASSES_CHECK_CONTRACTS=1 (the test suite) every clean node is also compared field by field, and a piece
+kept past a change raises: a mutation path that forgets to `touch` fails the tests instead of writing a
+stale node. Re-exported by `passes.core.ir`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -34,12 +44,14 @@ _CACHE = "_passes_protos"
 #: numpy types whose raw bytes are the ONNX raw_data as they are (the exporter's general path is 5x slower)
 _PLAIN = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int8, np.int16, np.int32,
                                         np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_))
-#: a cached node: its key (see `_node_key`), the node, its NodeProto, once encoded its serialized piece, and
-#: its attribute values, held so that no id in the key can be reused by a new object while the entry lives
-_Entry = tuple[tuple[object, ...], gs.Node, onnx.NodeProto, "bytes | None", list[object]]
-#: per graph: node id -> entry; constant id -> (constant, values object, name, piece); variable id ->
+#: a node's cached piece, kept in the node's __dict__ under `_PIECE` until `touch` drops it: its NodeProto, the
+#: serialized piece once encoded, the constants it reads, the ids of its attribute names and values, those objects
+#: (held so that no id can be reused while the entry lives) and, when contracts are checked, its full key
+_Entry = tuple[onnx.NodeProto, "bytes | None", tuple[gs.Constant, ...], list[int], list[object], "tuple[object, ...] | None"]
+_PIECE = "_passes_piece"
+#: per graph: constant id -> (constant, values object, name, piece); variable id ->
 #: (variable, name, dtype, shape, type, value_info piece)
-_Cache = tuple[dict[int, _Entry], dict[int, tuple[object, ...]], dict[int, tuple[object, ...]]]
+_Cache = tuple[dict[int, tuple[object, ...]], dict[int, tuple[object, ...]]]
 # GraphProto and ModelProto field numbers
 _NODE, _INITIALIZER, _INPUT, _OUTPUT, _VALUE_INFO, _GRAPH = 1, 5, 11, 12, 13, 7
 
@@ -59,7 +71,7 @@ def graph_skeleton(graph: gs.Graph) -> bytes:
     body = onnx.GraphProto(name=graph.name or "graph").SerializeToString()
     pieces = [body]
     constants: dict[str, gs.Constant] = {}
-    pieces.extend(_walk_nodes(graph, cache, constants))
+    pieces.extend(_walk_nodes(graph, constants))
     for tensor in graph.outputs:
         if isinstance(tensor, gs.Constant) and tensor.name:
             constants[tensor.name] = tensor
@@ -73,48 +85,43 @@ def graph_skeleton(graph: gs.Graph) -> bytes:
 
 
 def _forget_the_dead(graph: gs.Graph, cache: _Cache, constants: dict[str, gs.Constant]) -> None:
-    """Drop the cache entries of nodes and constants the graph no longer has: an entry pins its object,
-    and a replaced weight (loaded by the pass that replaced it) would stay in memory with the graph."""
+    """Drop the cache entries of constants the graph no longer has: an entry pins its object, and a replaced
+    weight (loaded by the pass that replaced it) would stay in memory with the graph. (A node's piece lives
+    on the node and goes with it.)"""
     live_constants = {id(t) for t in constants.values()}
-    for key in [key for key in cache[1] if key not in live_constants]:
-        del cache[1][key]
-    if len(cache[0]) > len(graph.nodes):
-        live_nodes = {id(n) for n in graph.nodes}
-        for key in [key for key in cache[0] if key not in live_nodes]:
-            del cache[0][key]
+    for key in [key for key in cache[0] if key not in live_constants]:
+        del cache[0][key]
 
 
 def node_pieces(graph: gs.Graph) -> bytes:
     """The graph's nodes as serialized GraphProto `node` fields (parse them with `MergeFromString`)."""
-    return b"".join(_walk_nodes(graph, _protos(graph), None))
+    return b"".join(_walk_nodes(graph, None))
 
 
-def _walk_nodes(graph: gs.Graph, cache: _Cache,
-                constants: dict[str, gs.Constant] | None) -> list[bytes]:
+def _walk_nodes(graph: gs.Graph, constants: dict[str, gs.Constant] | None) -> list[bytes]:
     """Each node's piece, in order; the constants the nodes read are gathered into `constants`."""
     pieces: list[bytes] = []
-    nodes, constant_type, append = cache[0], gs.Constant, pieces.append
-    for node in graph.nodes:  # the hot loop: _node_key and the cache lookup inlined
-        attrs = node.attrs
-        inputs = node.inputs
-        entry = nodes.get(id(node))
-        if (entry is not None and entry[3] is not None and entry[1] is node and entry[0] == (
-                node.op, node.domain, node.name, [t.name for t in inputs], [t.name for t in node.outputs],
-                [*attrs], [*map(id, attrs.values())])):
-            append(entry[3])
-        else:
-            append(_node_piece(node, cache))
+    append = pieces.append
+    verify = os.environ.get("PASSES_CHECK_CONTRACTS", "") not in ("", "0")
+    for node in graph.nodes:  # the hot loop: a clean node costs two lookups and its attributes' ids
+        fields = node.__dict__
+        entry = fields.get(_PIECE)
+        attrs = fields["attrs"]
+        if entry is None or entry[1] is None or ((attrs or entry[3]) and [*map(id, attrs), *map(id, attrs.values())] != entry[3]):
+            entry = _node_entry(node)
+        elif verify:
+            _verify_clean(node, entry)
+        append(entry[1])
         if constants is not None:
-            for tensor in inputs:
-                if type(tensor) is constant_type and tensor.name:
-                    constants[tensor.name] = tensor
+            for tensor in entry[2]:
+                constants[tensor.name] = tensor
     return pieces
 
 
 def value_info_pieces(graph: gs.Graph, tensors: Iterable[gs.Variable]) -> bytes:
     """The tensors as serialized GraphProto `value_info` fields, each re-encoded only when its name, dtype,
     shape or type changed (an export writes one per typed tensor: thousands in a dynamo export)."""
-    variables = _protos(graph)[2]
+    variables = _protos(graph)[1]
     pieces = []
     for tensor in tensors:
         fields = tensor.__dict__
@@ -146,13 +153,14 @@ def _model_skeleton(model: onnx.ModelProto, graph: gs.Graph | None) -> bytes:
     header = _empty_like(model.ir_version, model.opset_import, model.functions, "")
     source = model.graph
     pieces = [onnx.GraphProto(name=source.name).SerializeToString()]
-    nodes = _protos(graph)[0] if graph is not None and len(graph.nodes) == len(source.node) else None
+    nodes = graph.nodes if graph is not None and len(graph.nodes) == len(source.node) else None
+    verify = os.environ.get("PASSES_CHECK_CONTRACTS", "") not in ("", "0")
     for index, proto in enumerate(source.node):
         piece = _field(_NODE, proto.SerializeToString())
         pieces.append(piece)
-        node = graph.nodes[index] if nodes is not None else None
+        node = nodes[index] if nodes is not None else None
         if node is not None and node.op == proto.op_type and not has_subgraph(node):
-            nodes[id(node)] = (_node_key(node), node, proto, piece, [*node.attrs.values()])
+            node.__dict__[_PIECE] = _new_entry(node, proto, piece, verify)
     for number, values in ((_INPUT, source.input), (_OUTPUT, source.output), (_VALUE_INFO, source.value_info)):
         pieces.extend(_field(number, value.SerializeToString()) for value in values)
     for init in source.initializer:
@@ -177,39 +185,50 @@ def _hollow_and_large(tensor: onnx.TensorProto) -> bool:
 def _protos(graph: gs.Graph) -> _Cache:
     cache = graph.__dict__.get(_CACHE)
     if cache is None:
-        cache = graph.__dict__[_CACHE] = ({}, {}, {})
+        cache = graph.__dict__[_CACHE] = ({}, {})
     return cache
 
 
-def _node_entry(node: gs.Node, nodes: dict[int, _Entry]) -> _Entry:
-    """The cached entry while the node's op, name, tensor names and attribute objects are unchanged
-    (passes replace attribute values, never mutate them in place: that would go unseen). Nodes with
-    subgraphs are always exported afresh."""
-    key = _node_key(node)
-    entry = nodes.get(id(node))
-    if entry is not None and entry[1] is node and entry[0] == key:
-        return entry
-    entry = (key, node, OnnxExporter.export_node(node), None, [*node.attrs.values()])
+def touch(item: object) -> None:
+    """Forget the cached piece of a node that is about to change (anything else: nothing to forget)."""
+    item.__dict__.pop(_PIECE, None)
+
+
+def _new_entry(node: gs.Node, proto: onnx.NodeProto, piece: bytes | None, verify: bool) -> _Entry:
+    held = [*node.attrs, *node.attrs.values()]
+    return (proto, piece, tuple(t for t in node.inputs if type(t) is gs.Constant and t.name),
+            [*map(id, held)], held, _node_key(node) if verify else None)
+
+
+def _node_entry(node: gs.Node) -> _Entry:
+    """The node's entry, its piece encoded; kept on the node unless it has a subgraph (a change inside a
+    subgraph does not touch the node), so those are exported afresh every time."""
+    proto = OnnxExporter.export_node(node)
+    entry = _new_entry(node, proto, _field(_NODE, proto.SerializeToString()), os.environ.get(
+        "PASSES_CHECK_CONTRACTS", "") not in ("", "0"))
     if not has_subgraph(node):
-        nodes[id(node)] = entry
+        node.__dict__[_PIECE] = entry
+    else:
+        node.__dict__.pop(_PIECE, None)
     return entry
 
 
-def _node_piece(node: gs.Node, cache: _Cache) -> bytes:
-    nodes = cache[0]
-    entry = _node_entry(node, nodes)
-    if entry[3] is not None:
-        return entry[3]
-    piece = _field(_NODE, entry[2].SerializeToString())
-    if nodes.get(id(node)) is entry:
-        nodes[id(node)] = (entry[0], node, entry[2], piece, entry[4])
-    return piece
+def _verify_clean(node: gs.Node, entry: _Entry) -> None:
+    """Contract mode: a node whose piece is kept must be what it was when the piece was encoded."""
+    if entry[5] is not None and entry[5] != _node_key(node):
+        raise AssertionError(
+            f"node {node.name!r} ({node.op}) changed without `_skeleton.touch`: its cached piece is stale "
+            f"(was {entry[5]!r}, now {_node_key(node)!r}); a mutation path bypasses the hooks in _gs_compat"
+        )
+
+
+
 
 
 def _constant_piece(tensor: gs.Constant, cache: _Cache) -> bytes:
     """A small constant as an initializer, a large one as a typed input; cached while the constant
     holds the same values object under the same name."""
-    constants = cache[1]
+    constants = cache[0]
     values = tensor._values
     entry = constants.get(id(tensor))
     if entry is not None and entry[0] is tensor and entry[1] is values and entry[2] == tensor.name:
@@ -232,9 +251,10 @@ def _constant_piece(tensor: gs.Constant, cache: _Cache) -> bytes:
 
 
 def _node_key(node: gs.Node) -> tuple[object, ...]:
-    attrs = node.attrs  # (graph_skeleton inlines this)
+    """Everything a node's piece is made from (contract checks compare it; the walk does not)."""
+    attrs = node.attrs
     return (node.op, node.domain, node.name, [t.name for t in node.inputs], [t.name for t in node.outputs],
-            [*attrs], [*map(id, attrs.values())])
+            [*attrs], [*map(id, attrs.values())], [type(t) for t in node.inputs])
 
 
 def _field(number: int, payload: bytes) -> bytes:

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from passes.core import _gs_compat
 from passes.core._validate import densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
-    INLINE_BYTES, check_graph, graph_skeleton, import_skeleton, model_skeleton,
+    INLINE_BYTES, check_graph, graph_skeleton, import_skeleton, model_skeleton, touch,
 )
 from passes.core._walk import has_subgraph, tensor_map  # noqa: F401 (ditto)
 from passes.core._fingerprint import fingerprint, node_count, node_identity  # noqa: F401 (part of ir's surface)
@@ -215,6 +215,7 @@ def detach_node(node: gs.Node) -> None:
     graphsurgeon's own list sync finds the node to unlink by equality, which is slow (Node.__eq__
     compares whole nodes) and can unlink an *equal* twin; this works by identity.
     """
+    touch(node)
     for tensor in node.inputs:
         _remove_by_identity(tensor.outputs, node)
     for tensor in node.outputs:
@@ -235,6 +236,7 @@ def remove_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> None:
 
 def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     """node.inputs[index] = tensor, keeping both tensors' consumer lists exact (by identity)."""
+    touch(node)
     _remove_by_identity(node.inputs[index].outputs, node)
     list.__setitem__(node.inputs, index, tensor)
     list.append(tensor.outputs, node)
@@ -242,6 +244,7 @@ def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
 
 def set_output(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     """node.outputs[index] = tensor, keeping both tensors' producer lists exact (by identity)."""
+    touch(node)
     _remove_by_identity(node.outputs[index].inputs, node)
     list.__setitem__(node.outputs, index, tensor)
     list.append(tensor.inputs, node)

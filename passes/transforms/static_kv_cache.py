@@ -128,6 +128,7 @@ class StaticKvCache(Pass):
         graph.nodes.append(ctx.node("Expand", [column, new_shape], [slots], base=f"{pair.past.name}/Expand"))
         node = pair.concat
         node.op, node.attrs = "ScatterElements", {"axis": 2}
+        ir.touch(node)
         for tensor in node.inputs:
             ir._remove_by_identity(tensor.outputs, node)
         list.clear(node.inputs)
@@ -153,6 +154,7 @@ class StaticKvCache(Pass):
         graph.nodes.append(ctx.node("Sub", [full, step], [logical], base=f"{name}/Sub"))
         for node in readers:
             start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+            ir.touch(node)
             for tensor in node.inputs:
                 ir._remove_by_identity(tensor.outputs, node)
             list.clear(node.inputs)
@@ -190,6 +192,7 @@ class StaticKvCache(Pass):
     def _apply_bias(self, graph: gs.Graph, ctx: RewriteContext, apply: gs.Node, scores: gs.Tensor,
                     bias: gs.Tensor) -> None:
         """apply: Add(scores, mask) or Where(cond, scores, fill) -> Add(scores, bias), same output tensor."""
+        ir.touch(apply)
         for tensor in apply.inputs:
             ir._remove_by_identity(tensor.outputs, apply)
         list.clear(apply.inputs)

@@ -60,6 +60,60 @@ def test_an_attribute_replaced_twice_between_exports_is_seen() -> None:
         assert list(ir.export_model(graph).graph.node[0].attribute[0].ints) == [1, 0]
 
 
+def _exported(graph: gs.Graph) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in ir.export_model(graph).graph.node}
+
+
+_MUTATIONS = {
+    "setitem": lambda g: _node(g, "add").inputs.__setitem__(1, _node(g, "add").inputs[0]),
+    "append on the tensor side": lambda g: _node(g, "transpose").outputs[0].outputs.append(_node(g, "matmul")),
+    "clear on the tensor side": lambda g: _node(g, "add").outputs[0].outputs.clear(),
+    "inputs reassigned": lambda g: setattr(_node(g, "matmul"), "inputs", [_node(g, "matmul").inputs[1]]),
+    "ir.set_input": lambda g: ir.set_input(_node(g, "add"), 0, _node(g, "add").inputs[1]),
+    "ir.detach_node": lambda g: ir.detach_node(_node(g, "add")),
+    "tensor renamed": lambda g: setattr(_node(g, "transpose").outputs[0], "name", "t2"),
+    "attribute deleted": lambda g: _node(g, "transpose").attrs.pop("perm"),
+    "attribute renamed": lambda g: _node(g, "transpose").attrs.__setitem__("axes", _node(g, "transpose").attrs.pop("perm")),
+    "attrs reassigned": lambda g: setattr(_node(g, "transpose"), "attrs", {"perm": [0, 1]}),
+    "name": lambda g: setattr(_node(g, "matmul"), "name", "renamed"),
+    "domain": lambda g: setattr(_node(g, "matmul"), "domain", "com.example"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(_MUTATIONS))
+def test_the_fast_walk_sees_every_mutation_path(mutation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # without contract checks a walk trusts the cached pieces of nodes no hook touched: each graphsurgeon
+    # or ir mutation must show in the next export exactly as in a fresh export of the same graph
+    monkeypatch.setenv("PASSES_CHECK_CONTRACTS", "0")
+    graph = ir.import_graph(_model())
+    ir.export_model(graph)  # every node's piece is cached
+    _MUTATIONS[mutation](graph)
+    cached = ir.export_model(graph).graph.node
+    fresh = [gs.exporters.onnx_exporter.OnnxExporter.export_node(n) for n in graph.nodes]
+    assert [n.SerializeToString() for n in cached] == [n.SerializeToString() for n in fresh]
+    assert [n.SerializeToString() for n in cached] != [n.SerializeToString() for n in _model().graph.node]
+
+
+def test_a_variable_turned_constant_in_place_reaches_the_skeleton(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PASSES_CHECK_CONTRACTS", "0")
+    graph = ir.import_graph(_model())
+    ir.check_graph(graph)
+    _node(graph, "transpose").outputs[0].to_constant(np.zeros((3, 2), np.float32))
+    graph.nodes.remove(_node(graph, "transpose"))
+    skeleton = onnx.ModelProto.FromString(ir.graph_skeleton(graph))
+    assert "t" in {i.name for i in skeleton.graph.initializer}
+
+
+def test_contract_checks_catch_a_change_that_bypasses_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PASSES_CHECK_CONTRACTS", "1")
+    graph = ir.import_graph(_model())
+    ir.export_model(graph)
+    add = _node(graph, "add")
+    list.__setitem__(add.inputs, 1, add.inputs[0])  # raw list surgery, no touch
+    with pytest.raises(AssertionError, match="changed without `_skeleton.touch`"):
+        ir.export_model(graph)
+
+
 def test_the_checker_sees_a_node_broken_after_the_cache_is_warm() -> None:
     graph = ir.import_graph(_model())
     ir.check_graph(graph)

@@ -7,9 +7,11 @@ TVM 0.27's CPU pipeline schedules nothing by itself: every kernel it legalizes i
                  `tile_n` (and batch) spread over the threads, each packing its K x tile_n slice of B
                  contiguous once, then register tiles of `tile_m` rows x `tile_n` columns accumulated over K
                  steps of `tile_k`, columns vectorised; epilogues after it
-    CpuLoops     everything else (elementwise chains, softmax, norms, means, GEMV-shaped reductions): each
-                 block's spatial loops fused and spread over the threads; a block without a reduction is
-                 also vectorised along its innermost elements
+    CpuLoops     everything else (elementwise chains, softmax, norms, means, GEMV-shaped reductions): a
+                 fused chain's elementwise blocks computed where their one consumer reads them (no
+                 intermediate buffers), then each block's spatial loops fused and spread over the threads; a
+                 block without a reduction is also vectorised along its innermost elements (row-wise when its
+                 rows are whole vectors, so a reshape's or concatenation's index arithmetic simplifies away)
 
 Tile sizes and the vector width come from the target description (`schedule.float_gemm`, and
 `schedule.float_gemv` for a matmul whose rows fit one row tile: decode), never from code. Every schedule
@@ -150,9 +152,71 @@ class CpuLoops(dl.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
+        _inline_chains(sch)
         for block in sch.get_child_blocks(get_root_block(sch)):
             _spread(sch, block, self.vector_width)
         return sch
+
+
+def _inline_chains(sch: s_tir.Schedule) -> None:
+    """Compute each elementwise block of a fused chain where its one consumer reads it, instead of storing
+    a whole intermediate buffer per op (a dequantize-SiLU-quantize chain was 13 passes over memory). A block
+    read by several consumers stays: inlined, it would be computed once per consumer (softmax's exp by both
+    the sum and the division). So does a block its consumer reads transposed (a layout change): inlined,
+    every element of the chain would be computed from strided gathers; stored, the chain runs on contiguous
+    vectors and only the transpose gathers."""
+    inlined = True
+    while inlined:
+        inlined = False
+        for block in sch.get_child_blocks(get_root_block(sch)):
+            iters = sch.get(block).iter_vars
+            consumers = sch.get_consumers(block)
+            if any(int(iv.iter_type) != _SPATIAL for iv in iters) or len(consumers) != 1 \
+                    or _reads_transposed(sch.get(consumers[0]), sch.get(block)):
+                continue
+            try:
+                sch.compute_inline(block)
+            except s_tir.ScheduleError:
+                continue
+            inlined = True
+            break
+
+
+def _reads_transposed(consumer: Any, producer: Any) -> bool:
+    """Whether `consumer` reads what `producer` writes with an innermost index that does not follow its own
+    innermost axis (a transpose, or a broadcast along it)."""
+    written = [region.source.same_as for region in producer.writes]
+    innermost = consumer.iter_vars[-1].var if consumer.iter_vars else None
+    for region in consumer.reads:
+        if any(same(region.source) for same in written) and region.region:
+            last = region.region[-1].min
+            if innermost is None or not any(used.same_as(innermost) for used in tirx.analysis.undefined_vars(last)):
+                return True
+    return False
+
+
+#: an elementwise block with at least this many rows (the product of all but its innermost extent) is
+#: spread row-wise: enough rows to share among the threads
+_ROWS = 16
+
+
+def _rows_and_vectors(sch: s_tir.Schedule, block: Any, loops: list[Any], extents: list[Any],
+                      vector_width: int) -> bool:
+    """An elementwise block whose innermost extent is a whole number of vectors: its outer loops fused and
+    parallel, its innermost loop split into vectors. Indices stay those of the block's own axes, so the
+    simplifier can prove what a fused flat index hides (a reshape's `(i * 256 + j) // 1024` is 0, a
+    concatenation's `j >= 128` holds for a whole vector) and loads stay contiguous vectors instead of
+    gathers. False (nothing done) for a block that does not qualify."""
+    inner = extents[-1]
+    rows = 1
+    for extent in extents[:-1]:
+        rows *= extent
+    if len(loops) < 2 or inner % vector_width or rows < _ROWS or _writes_bool(sch, block):
+        return False
+    outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    sch.parallel(outer)
+    sch.vectorize(sch.split(loops[-1], [None, vector_width])[1])
+    return True
 
 
 def _writes_bool(sch: s_tir.Schedule, block: Any) -> bool:
@@ -174,6 +238,8 @@ def _spread(sch: s_tir.Schedule, block: Any, vector_width: int) -> None:
     while leading < len(kinds) and kinds[leading] == _SPATIAL:
         leading += 1
     if leading == 0:
+        return
+    if leading == len(kinds) and _rows_and_vectors(sch, block, loops, extents, vector_width):
         return
     if leading == len(kinds):  # elementwise: one flat loop, vectors inside, threads outside
         flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]

@@ -49,10 +49,22 @@ def w8a16_compute(m: int, k: int, n: int, panel: int) -> tirx.PrimFunc:
     return te.create_prim_func([x, w, scale, y]).with_attr("tirx.noalias", True)
 
 
-def w8a16_matmul(m: int, k: int, n: int, panel: int) -> tirx.PrimFunc:
-    """Scheduled: panels in parallel; per row, the panel's sums in registers over K; scale on the way out."""
+def row_tile(m: int, panel: int, tile_m: int, tile_n: int) -> int:
+    """Rows one panel pass accumulates together: the target's float register tile (`tile_m` x `tile_n`
+    floats) spent on `panel`-wide rows, cut to a divisor of `m` (1 for decode)."""
+    want = max(1, tile_m * tile_n // panel)
+    return next(size for size in range(min(m, want), 0, -1) if m % size == 0)
+
+
+def w8a16_matmul(m: int, k: int, n: int, panel: int, rows: int = 1) -> tirx.PrimFunc:
+    """Scheduled: panels in parallel; per `rows` rows (`row_tile`), the panel's sums of each row in
+    registers over K, each step's weights widened once for all of them; scale on the way out. One row at a
+    time (decode) reads each weight once; a prefill's row tile widens each weight once per `rows` rows
+    instead of once per row (the conversion, not the FMA, bounded a one-row loop)."""
     from tvm.script import from_source
 
+    if m % rows:
+        raise ValueError(f"row tile {rows} does not divide {m} rows")
     source = f"""
 # from tvm.script import tirx as T
 @T.prim_func(private=True)
@@ -60,14 +72,20 @@ def cpu_w8a16(x: T.Buffer(({m}, {k}), "float32"), w: T.Buffer(({n // panel}, {k}
               scale: T.Buffer(({n},), "float32"), y: T.Buffer(({m}, {n}), "float32")):
     T.func_attr({{"tirx.noalias": True}})
     for p in T.parallel({n // panel}):
-        for i in range({m}):
-            acc = T.decl_buffer(({panel},), "float32", scope="local")
-            for j in T.vectorized({panel}):
-                acc[j] = T.float32(0)
+        for io in range({m // rows}):
+            acc = T.decl_buffer(({rows}, {panel}), "float32", scope="local")
+            wide = T.decl_buffer(({panel},), "float32", scope="local")
+            for ii in T.unroll({rows}):
+                for j in T.vectorized({panel}):
+                    acc[ii, j] = T.float32(0)
             for r in range({k}):
                 for j in T.vectorized({panel}):
-                    acc[j] = acc[j] + x[i, r] * T.Cast("float32", w[p, r, j])
-            for j in T.vectorized({panel}):
-                y[i, p * {panel} + j] = acc[j] * scale[p * {panel} + j]
+                    wide[j] = T.Cast("float32", w[p, r, j])
+                for ii in T.unroll({rows}):
+                    for j in T.vectorized({panel}):
+                        acc[ii, j] = acc[ii, j] + x[io * {rows} + ii, r] * wide[j]
+            for ii in T.unroll({rows}):
+                for j in T.vectorized({panel}):
+                    y[io * {rows} + ii, p * {panel} + j] = acc[ii, j] * scale[p * {panel} + j]
 """
     return from_source(source)

@@ -126,15 +126,17 @@ def _gpu_kernel(rows: int, depth: int, cols: int, dtype: str, weight: np.ndarray
 
 def _cpu_kernel(rows: int, depth: int, cols: int, dtype: str, weight: np.ndarray, target: Any,
                 builder: relax.BlockBuilder, kernels: _Kernels) -> tuple[tvm.ir.GlobalVar, np.ndarray] | None:
-    """The CPU kernel and its packed weight: float32 activations only, columns a multiple of a panel."""
-    del target  # the panel width follows from the columns alone
+    """The CPU kernel and its packed weight: float32 activations only, columns a multiple of a panel; rows
+    accumulated together from the target's float register tile (`schedule.float_gemm`)."""
     panel = cpu_w8a16.panel_for(cols)
     if panel is None or dtype != "float32":
         return None
     key = (rows, depth, cols, "cpu")
     if key not in kernels:
         name = f"{CPU_KERNEL_PREFIX}_m{rows}_k{depth}_n{cols}"
-        gvar = builder.add_func(marked(cpu_w8a16.w8a16_matmul(rows, depth, cols, panel)), name)
+        tiles = getattr(getattr(target, "schedule", None), "float_gemm", None)
+        tile = cpu_w8a16.row_tile(rows, panel, tiles.tile_m, tiles.tile_n) if tiles is not None else 1
+        gvar = builder.add_func(marked(cpu_w8a16.w8a16_matmul(rows, depth, cols, panel, tile)), name)
         kernels[key] = (gvar, gvar.name_hint, cpu_w8a16.w8a16_compute(rows, depth, cols, panel))
     return kernels[key][0], cpu_w8a16.pack_weights(weight, panel)
 

@@ -17,11 +17,11 @@ from passes.targets import load_target
 pytestmark = pytest.mark.slow
 
 
-def _run(m: int, k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _run(m: int, k: int, n: int, seed: int = 0, rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
     host_threads()
     panel = cpu_w8a16.panel_for(n)
     assert panel is not None
-    func = cpu_w8a16.w8a16_matmul(m, k, n, panel).with_attr("global_symbol", "main")
+    func = cpu_w8a16.w8a16_matmul(m, k, n, panel, rows).with_attr("global_symbol", "main")
     library = tvm.compile(tvm.IRModule({"main": func}), load_target("host").tvm_target())
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -33,10 +33,22 @@ def _run(m: int, k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     return y.numpy(), cpu_w8a16.reference(x, w, scale)
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 576, 1536), (1, 64, 48), (7, 100, 96), (32, 576, 192)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 576, 1536), (1, 64, 48), (7, 100, 96), (32, 576, 192),
+                                           (12, 100, 96), (128, 256, 128)])
 def test_matches_the_dequantized_matmul(m: int, k: int, n: int) -> None:
-    got, expected = _run(m, k, n)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+    # one row at a time, and with the row tile the host's float register tile (4 x 64) gives
+    tile = cpu_w8a16.row_tile(m, cpu_w8a16.panel_for(n), 4, 64)
+    for rows in sorted({1, tile}):
+        got, expected = _run(m, k, n, rows=rows)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()),
+                                   err_msg=f"row tile {rows}")
+
+
+def test_row_tiles_divide_the_rows_and_fill_the_register_tile() -> None:
+    assert [cpu_w8a16.row_tile(m, 64, 4, 64) for m in (1, 7, 128)] == [1, 1, 4]
+    assert [cpu_w8a16.row_tile(m, 32, 4, 64) for m in (12, 128, 3)] == [6, 8, 3]
+    with pytest.raises(ValueError, match="does not divide"):
+        cpu_w8a16.w8a16_matmul(6, 64, 64, 64, rows=4)
 
 
 def test_a_wrong_weight_is_caught() -> None:

@@ -92,6 +92,8 @@ class CpuMatmul(dl.ScheduleRule):
         tile_m = fitting(rows, self.tiles.tile_m)
         tile_n = vector_tile(cols, tiles.tile_n, tiles.vector_width)
         tile_k = fitting(depth, tiles.tile_k)
+        if not one_row_tile and _in_panels(sch.get(main).reads[weight].source, depth, cols, tile_n):
+            weight = None  # B laid out in these panels at lowering (`_packed_matmul`): read in place
         if one_row_tile:
             weight = None  # each B element is read once: a packed copy would double the reads
         i_o, i_i = sch.split(i, [None, tile_m])
@@ -123,6 +125,12 @@ class CpuMatmul(dl.ScheduleRule):
                     and not sch.get(block).name_hint.endswith("_init"):
                 _spread(sch, block, self.tiles.vector_width)
         return sch
+
+
+def _in_panels(buffer: Any, depth: int, cols: int, tile_n: int) -> bool:
+    """Whether B is already P[cols / tile_n, depth, tile_n] (`_packed_matmul`): each panel contiguous."""
+    shape = [_static(d) for d in buffer.shape]
+    return len(shape) == 3 and shape[1:] == [depth, tile_n] and shape[0] is not None and shape[0] * tile_n == cols
 
 
 def _operands(block: Any, row: tirx.Var, column: tirx.Var, depth: tirx.Var) -> tuple[int | None, int | None]:

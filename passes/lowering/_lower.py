@@ -142,7 +142,7 @@ def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tun
     del dispatch
     started = time.perf_counter()
     try:
-        fused = legalize_and_fuse(module, tvm_target)
+        fused = legalize_and_fuse(module, tvm_target, target)
     except Exception as err:  # TVM raises its own error types from C++
         raise LoweringError(f"legalizing the model for target {target.name!r} failed: {last_line(err)}") from err
     del module

@@ -23,6 +23,7 @@ from tvm.s_tir import dlight as dl
 from passes.lowering._cpu_rules import CpuLoops, CpuMatmul
 from passes.lowering._errors import LoweringError
 from passes.lowering._fast_math import legalize_map
+from passes.lowering._packed_matmul import legalize_map as packed_matmuls
 from passes.lowering._rules import (
     CappedGeneralReduction,
     ConfiguredMatmul,
@@ -38,10 +39,14 @@ _THREAD_LIMITS = ("max_threads_per_block", "max_num_threads")
 _DEFAULT_THREADS = 256
 
 
-def legalize_and_fuse(module: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
-    """Relax ops -> fused TIR PrimFuncs (TVM's generic legalize passes, the same for CPU and GPU; on llvm
-    targets float32 exp, sigmoid, SiLU, softmax, tanh, erf and GELU take vectorisable forms: `_fast_math`)."""
-    fast = legalize_map() if tvm_target.kind.name == "llvm" else None
+def legalize_and_fuse(module: tvm.IRModule, tvm_target: tvm.target.Target, target: Any = None) -> tvm.IRModule:
+    """Relax ops -> fused TIR PrimFuncs (TVM's generic legalize passes, the same for CPU and GPU). On llvm
+    targets float32 exp, sigmoid, SiLU, softmax, tanh, erf and GELU take vectorisable forms (`_fast_math`)
+    and, given the target description, float matmuls read constant weights packed at lowering
+    (`_packed_matmul`)."""
+    fast = None
+    if tvm_target.kind.name == "llvm":
+        fast = {**legalize_map(), **(packed_matmuls(target) if target is not None else {})}
     passes = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(customize_legalize_map=fast),

@@ -124,6 +124,7 @@ def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tun
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     entries: dict = {}
+    generator = isinstance(model, dict)
     if isinstance(model, dict):
         module, entries, imported = _import_phases(model, target)
     else:
@@ -142,7 +143,9 @@ def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tun
     del dispatch
     started = time.perf_counter()
     try:
-        fused = legalize_and_fuse(module, tvm_target, target)
+        # a generator's phases share one weight set, laid out for both by `pack-matmul-weights` at import: a
+        # prefill-only copy of a weight the graph pass left alone would store it twice
+        fused = legalize_and_fuse(module, tvm_target, target, pack_weights=not generator)
     except Exception as err:  # TVM raises its own error types from C++
         raise LoweringError(f"legalizing the model for target {target.name!r} failed: {last_line(err)}") from err
     del module

@@ -39,14 +39,15 @@ _THREAD_LIMITS = ("max_threads_per_block", "max_num_threads")
 _DEFAULT_THREADS = 256
 
 
-def legalize_and_fuse(module: tvm.IRModule, tvm_target: tvm.target.Target, target: Any = None) -> tvm.IRModule:
+def legalize_and_fuse(module: tvm.IRModule, tvm_target: tvm.target.Target, target: Any = None, *,
+                      pack_weights: bool = True) -> tvm.IRModule:
     """Relax ops -> fused TIR PrimFuncs (TVM's generic legalize passes, the same for CPU and GPU). On llvm
     targets float32 exp, sigmoid, SiLU, softmax, tanh, erf and GELU take vectorisable forms (`_fast_math`)
-    and, given the target description, float matmuls read constant weights packed at lowering
-    (`_packed_matmul`)."""
+    and, given the target description and `pack_weights`, float matmuls read constant weights packed at
+    lowering (`_packed_matmul`)."""
     fast = None
     if tvm_target.kind.name == "llvm":
-        fast = {**legalize_map(), **(packed_matmuls(target) if target is not None else {})}
+        fast = {**legalize_map(), **(packed_matmuls(target) if target is not None and pack_weights else {})}
     passes = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(customize_legalize_map=fast),

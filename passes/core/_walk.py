@@ -29,7 +29,10 @@ def tensor_map(graph: gs.Graph) -> dict[str, gs.Tensor]:
 def has_subgraph(node: gs.Node) -> bool:
     """Whether an attribute of the node holds a graph (If branches, Loop/Scan bodies): a test every walk
     makes for every node, so no generator."""
-    for value in node.attrs.values():
+    attrs = node.attrs
+    if not attrs:
+        return False
+    for value in attrs.values():
         if isinstance(value, gs.Graph):
             return True
         if isinstance(value, (list, tuple)) and any(isinstance(v, gs.Graph) for v in value):

@@ -222,9 +222,6 @@ def _verify_clean(node: gs.Node, entry: _Entry) -> None:
         )
 
 
-
-
-
 def _constant_piece(tensor: gs.Constant, cache: _Cache) -> bytes:
     """A small constant as an initializer, a large one as a typed input; cached while the constant
     holds the same values object under the same name."""

@@ -57,10 +57,9 @@ def _packed(bb: relax.BlockBuilder, call: relax.Call, tiles: Any) -> relax.Expr 
     dims = [int(d) if hasattr(d, "value") or isinstance(d, int) else None for d in kinds[0].shape.values]
     if len(dims) < 2 or None in dims:
         return None
-    rows = int(np.prod(dims[:-1]))
     depth, cols = (int(d) for d in weight.value.shape)
-    if rows <= tiles.tile_m or dims[-1] != depth:
-        return None  # one row tile (decode): `pack-matmul-weights` lays those out for the GEMV tile
+    if dims[-2] <= tiles.tile_m or dims[-1] != depth:
+        return None  # one row tile (decode, as the schedule decides it): `pack-matmul-weights` lays those out
     panel = vector_tile(cols, tiles.tile_n, tiles.vector_width)
     values = pack(weight.value.numpy(), panel)
 

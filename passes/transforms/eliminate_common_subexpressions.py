@@ -21,6 +21,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from passes.core import ir
 from passes.infra._pass import Pass, PassResult
 
+#: constants up to this size are keyed by their bytes (larger ones by a hash of a sample, then compared)
+EXACT_KEY_BYTES = 64
 NONDETERMINISTIC = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 )
@@ -81,6 +83,13 @@ class EliminateCommonSubexpressions(Pass):
         if id(tensor) in outputs or ir.constant_nbytes(tensor) > self.max_constant_bytes:  # size read unloaded
             return tensor
         values = _peek(tensor)
+        if values.nbytes <= EXACT_KEY_BYTES and values.dtype.kind != "O":
+            # a small constant (shape vectors, scalars: most of an export's) is keyed by its bytes themselves:
+            # equal keys are equal constants, so the first of a bucket is the keeper, no hash or comparison
+            bucket = buckets.setdefault((values.dtype.str, values.shape, np.ascontiguousarray(values).tobytes()), [])
+            if not bucket:
+                bucket.append(tensor)
+            return bucket[0]
         bucket = buckets.setdefault(_sample_key(values), [])
         keeper = next((c for c in bucket if _same_bytes(_peek(c), values)), None)
         if keeper is None:

@@ -11,7 +11,8 @@ TVM 0.27's CPU pipeline schedules nothing by itself: every kernel it legalizes i
                  fused chain's elementwise blocks computed where their one consumer reads them (no
                  intermediate buffers), then each block's spatial loops fused and spread over the threads; a
                  block without a reduction is also vectorised along its innermost elements (row-wise when its
-                 rows are whole vectors, so a reshape's or concatenation's index arithmetic simplifies away)
+                 rows are whole vectors, so a reshape's or concatenation's index arithmetic simplifies away);
+                 a row reduction over whole vectors accumulates vector-wide lane partials (rfactor)
 
 Tile sizes and the vector width come from the target description (`schedule.float_gemm`, and
 `schedule.float_gemv` for a matmul whose rows fit one row tile: decode), never from code. Every schedule
@@ -162,7 +163,11 @@ class CpuLoops(dl.ScheduleRule):
         sch = s_tir.Schedule(func)
         _inline_chains(sch)
         for block in sch.get_child_blocks(get_root_block(sch)):
-            _spread(sch, block, self.vector_width)
+            trial = sch.copy()  # the same random variables; kept only if the whole transformation applies
+            if _vectorized_row_reduction(trial, block, self.vector_width):
+                sch = trial
+            else:
+                _spread(sch, block, self.vector_width)
         return sch
 
 
@@ -201,6 +206,37 @@ def _reads_transposed(consumer: Any, producer: Any) -> bool:
             if innermost is None or not any(used.same_as(innermost) for used in tirx.analysis.undefined_vars(last)):
                 return True
     return False
+
+
+def _vectorized_row_reduction(sch: s_tir.Schedule, block: Any, vector_width: int) -> bool:
+    """A row reduction (spatial loops, then one reduction loop of whole vectors: softmax's max and sum, a
+    norm's mean) reduced `vector_width` lanes at a time: the reduction loop split into vectors and
+    rfactor'ed, so each row's lane partials accumulate in a vector register (a per-row local buffer) and
+    are combined at the row's end; rows parallel. Reassociates float sums by lanes (as K-tiling does); max
+    and min exactly. False when the block is not such a reduction or a step does not apply (`sch`, then
+    half-transformed, is to be discarded: the caller passes a copy)."""
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    kinds = [int(iv.iter_type) for iv in iters]
+    leading = len(kinds) - 1
+    if len(loops) != len(iters) or leading < 1 or kinds[-1] != _REDUCE or set(kinds[:-1]) != {_SPATIAL}:
+        return False
+    extent = _static(iters[-1].dom.extent)
+    if extent is None or extent % vector_width or extent < 2 * vector_width:
+        return False
+    try:
+        lanes = sch.split(loops[-1], [None, vector_width])[1]
+        partial = sch.rfactor(lanes, leading)
+        rows = sch.get_loops(partial)[:leading]
+        outer = sch.fuse(*rows) if leading > 1 else rows[0]
+        sch.parallel(outer)
+        sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
+        sch.set_scope(partial, 0, "local")
+        sch.vectorize(sch.get_loops(partial)[-1])  # before the init is split off: a reduction block may vectorise
+        sch.decompose_reduction(partial, sch.get_loops(partial)[-2])
+    except (RuntimeError, ValueError):  # ScheduleError is a RuntimeError, as are TVM's other FFI errors
+        return False
+    return True
 
 
 #: an elementwise block with at least this many rows (the product of all but its innermost extent) is

@@ -224,3 +224,21 @@ def test_constant_weights_of_prefill_matmuls_are_packed_at_lowering_and_read_in_
     ours = run_host(build(lowered, host), feeds)["y"]
     expected = run_reference(model, feeds)["y"]
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_row_reductions_are_vectorised_along_the_row() -> None:
+    # RMS-norm shape: the sum of squares over each 256-wide row is split into 16-lane partials (rfactor) that
+    # accumulate in vectors, rows in parallel; equal to float64 numpy within rtol 1e-5 (lane-wise reassociation)
+    from tvm import te
+
+    x = te.placeholder((32, 256), name="X")
+    r = te.reduce_axis((0, 256), name="r")
+    total = te.compute((32,), lambda i: te.sum(x[i, r] * x[i, r], axis=r), name="S")
+    y = te.compute((32, 256), lambda i, j: x[i, j] / te.sqrt(total[i] / 256.0 + 1e-6), name="Y")
+    func, tvm_target = _loop_scheduled(te.create_prim_func([x, y]))
+    script = func.script()
+    assert "S_rf_update" in script and re.search(r"T\.vectorized\(16\):\s+with T\.sblock\(\"S_rf_update\"\)", script)
+    assert "T.parallel(32)" in script
+    xv = np.random.default_rng(4).standard_normal((32, 256)).astype(np.float32)
+    expected = xv / np.sqrt((xv.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(_run(func, tvm_target, xv, out_shape=(32, 256)), expected, rtol=1e-5, atol=1e-6)

@@ -41,7 +41,7 @@ from onnx_graphsurgeon.importers import onnx_importer
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
-from passes.core._skeleton import _PIECE, node_pieces, touch, value_info_pieces
+from passes.core._skeleton import node_pieces, touch, value_info_pieces
 from passes.core._validate import tensor_nbytes
 from passes.core._walk import has_subgraph, tensor_map
 
@@ -162,7 +162,7 @@ def _track_changes() -> None:
     add, remove = SynchronizedList._add_to_elem, SynchronizedList._remove_from_elem
 
     def node_field(self: gs.Node, name: str, value: Any) -> None:
-        self.__dict__.pop(_PIECE, None)
+        touch(self)
         node_setattr(self, name, value)
 
     def tensor_field(self: gs.Tensor, name: str, value: Any) -> None:
@@ -197,7 +197,7 @@ def _track_changes() -> None:
 def _touch_users(tensor: gs.Tensor) -> None:
     fields = tensor.__dict__
     for node in (*fields.get("inputs", ()), *fields.get("outputs", ())):
-        node.__dict__.pop(_PIECE, None)
+        touch(node)
 
 
 def _cached_dtype_to_onnx(convert: Any) -> Any:

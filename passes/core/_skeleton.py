@@ -44,10 +44,10 @@ _CACHE = "_passes_protos"
 #: numpy types whose raw bytes are the ONNX raw_data as they are (the exporter's general path is 5x slower)
 _PLAIN = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int8, np.int16, np.int32,
                                         np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_))
-#: a node's cached piece, kept in the node's __dict__ under `_PIECE` until `touch` drops it: its NodeProto, the
-#: serialized piece once encoded, the constants it reads, the ids of its attribute names and values, those objects
-#: (held so that no id can be reused while the entry lives) and, when contracts are checked, its full key
-_Entry = tuple[onnx.NodeProto, "bytes | None", tuple[gs.Constant, ...], list[int], list[object], "tuple[object, ...] | None"]
+#: a node's cached piece, kept in the node's __dict__ under `_PIECE` until `touch` drops it: the serialized
+#: piece, the constants the node reads, the ids of its attribute names and values, those objects (held so that no
+#: id can be reused while the entry lives) and, when contracts are checked, its full key
+_Entry = tuple[bytes, tuple[gs.Constant, ...], list[int], list[object], "tuple[object, ...] | None"]
 _PIECE = "_passes_piece"
 #: per graph: constant id -> (constant, values object, name, piece); variable id ->
 #: (variable, name, dtype, shape, type, value_info piece)
@@ -102,18 +102,18 @@ def _walk_nodes(graph: gs.Graph, constants: dict[str, gs.Constant] | None) -> li
     """Each node's piece, in order; the constants the nodes read are gathered into `constants`."""
     pieces: list[bytes] = []
     append = pieces.append
-    verify = os.environ.get("PASSES_CHECK_CONTRACTS", "") not in ("", "0")
+    verify = contracts_checked()
     for node in graph.nodes:  # the hot loop: a clean node costs two lookups and its attributes' ids
         fields = node.__dict__
         entry = fields.get(_PIECE)
         attrs = fields["attrs"]
-        if entry is None or entry[1] is None or ((attrs or entry[3]) and [*map(id, attrs), *map(id, attrs.values())] != entry[3]):
-            entry = _node_entry(node)
+        if entry is None or ((attrs or entry[2]) and [*map(id, attrs), *map(id, attrs.values())] != entry[2]):
+            entry = _node_entry(node, verify)
         elif verify:
             _verify_clean(node, entry)
-        append(entry[1])
+        append(entry[0])
         if constants is not None:
-            for tensor in entry[2]:
+            for tensor in entry[1]:
                 constants[tensor.name] = tensor
     return pieces
 
@@ -145,7 +145,7 @@ def check_graph(graph: gs.Graph) -> None:
 def import_skeleton(graph: gs.Graph, model: onnx.ModelProto) -> bytes:
     """The serialized `model_skeleton` of `model`, the model `graph` was just imported from (value_info and
     functions kept, for inference at import); its pieces seed the cache of `graph`: the model's own
-    NodeProtos serve later skeletons and exports while the nodes stay unchanged."""
+    serialized nodes serve later skeletons and exports while the nodes stay unchanged."""
     return _model_skeleton(model, graph)
 
 
@@ -154,13 +154,13 @@ def _model_skeleton(model: onnx.ModelProto, graph: gs.Graph | None) -> bytes:
     source = model.graph
     pieces = [onnx.GraphProto(name=source.name).SerializeToString()]
     nodes = graph.nodes if graph is not None and len(graph.nodes) == len(source.node) else None
-    verify = os.environ.get("PASSES_CHECK_CONTRACTS", "") not in ("", "0")
+    verify = contracts_checked()
     for index, proto in enumerate(source.node):
         piece = _field(_NODE, proto.SerializeToString())
         pieces.append(piece)
         node = nodes[index] if nodes is not None else None
         if node is not None and node.op == proto.op_type and not has_subgraph(node):
-            node.__dict__[_PIECE] = _new_entry(node, proto, piece, verify)
+            node.__dict__[_PIECE] = _new_entry(node, piece, verify)
     for number, values in ((_INPUT, source.input), (_OUTPUT, source.output), (_VALUE_INFO, source.value_info)):
         pieces.extend(_field(number, value.SerializeToString()) for value in values)
     for init in source.initializer:
@@ -194,18 +194,22 @@ def touch(item: object) -> None:
     item.__dict__.pop(_PIECE, None)
 
 
-def _new_entry(node: gs.Node, proto: onnx.NodeProto, piece: bytes | None, verify: bool) -> _Entry:
+def contracts_checked() -> bool:
+    """Whether the environment asks for the expensive contract checks (PASSES_CHECK_CONTRACTS=1: the test
+    suite sets it; `PassManager.check_contracts` defaults to it)."""
+    return os.environ.get("PASSES_CHECK_CONTRACTS", "") not in ("", "0")
+
+
+def _new_entry(node: gs.Node, piece: bytes, verify: bool) -> _Entry:
     held = [*node.attrs, *node.attrs.values()]
-    return (proto, piece, tuple(t for t in node.inputs if type(t) is gs.Constant and t.name),
+    return (piece, tuple(t for t in node.inputs if type(t) is gs.Constant and t.name),
             [*map(id, held)], held, _node_key(node) if verify else None)
 
 
-def _node_entry(node: gs.Node) -> _Entry:
+def _node_entry(node: gs.Node, verify: bool) -> _Entry:
     """The node's entry, its piece encoded; kept on the node unless it has a subgraph (a change inside a
     subgraph does not touch the node), so those are exported afresh every time."""
-    proto = OnnxExporter.export_node(node)
-    entry = _new_entry(node, proto, _field(_NODE, proto.SerializeToString()), os.environ.get(
-        "PASSES_CHECK_CONTRACTS", "") not in ("", "0"))
+    entry = _new_entry(node, _field(_NODE, OnnxExporter.export_node(node).SerializeToString()), verify)
     if not has_subgraph(node):
         node.__dict__[_PIECE] = entry
     else:
@@ -215,10 +219,10 @@ def _node_entry(node: gs.Node) -> _Entry:
 
 def _verify_clean(node: gs.Node, entry: _Entry) -> None:
     """Contract mode: a node whose piece is kept must be what it was when the piece was encoded."""
-    if entry[5] is not None and entry[5] != _node_key(node):
+    if entry[4] is not None and entry[4] != _node_key(node):
         raise AssertionError(
             f"node {node.name!r} ({node.op}) changed without `_skeleton.touch`: its cached piece is stale "
-            f"(was {entry[5]!r}, now {_node_key(node)!r}); a mutation path bypasses the hooks in _gs_compat"
+            f"(was {entry[4]!r}, now {_node_key(node)!r}); a mutation path bypasses the hooks in _gs_compat"
         )
 
 

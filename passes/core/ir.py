@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from passes.core import _gs_compat
 from passes.core._validate import densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
-    INLINE_BYTES, check_graph, graph_skeleton, import_skeleton, model_skeleton, touch,
+    INLINE_BYTES, check_graph, contracts_checked, graph_skeleton, import_skeleton, model_skeleton, touch,
 )
 from passes.core._walk import has_subgraph, tensor_map  # noqa: F401 (ditto)
 from passes.core._fingerprint import fingerprint, node_count, node_identity  # noqa: F401 (part of ir's surface)
@@ -248,6 +248,17 @@ def set_output(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     _remove_by_identity(node.outputs[index].inputs, node)
     list.__setitem__(node.outputs, index, tensor)
     list.append(tensor.inputs, node)
+
+
+def set_inputs(node: gs.Node, tensors: list[gs.Tensor]) -> None:
+    """node.inputs = tensors, keeping every tensor's consumer list exact (by identity)."""
+    touch(node)
+    for tensor in node.inputs:
+        _remove_by_identity(tensor.outputs, node)
+    list.clear(node.inputs)
+    for tensor in tensors:
+        list.append(node.inputs, tensor)
+        list.append(tensor.outputs, node)
 
 
 def _remove_by_identity(items: list[object], item: object) -> None:

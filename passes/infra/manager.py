@@ -240,7 +240,7 @@ class PassManager:
     def _full_contracts(self) -> bool:
         if self.check_contracts is not None:
             return self.check_contracts
-        return os.environ.get("PASSES_CHECK_CONTRACTS", "") not in ("", "0")
+        return ir.contracts_checked()
 
     def run(self, model: onnx.ModelProto, *, weights: Mapping[str, Any] | None = None,
             hollow: bool = False) -> RunResult:

@@ -128,13 +128,7 @@ class StaticKvCache(Pass):
         graph.nodes.append(ctx.node("Expand", [column, new_shape], [slots], base=f"{pair.past.name}/Expand"))
         node = pair.concat
         node.op, node.attrs = "ScatterElements", {"axis": 2}
-        ir.touch(node)
-        for tensor in node.inputs:
-            ir._remove_by_identity(tensor.outputs, node)
-        list.clear(node.inputs)
-        for tensor in (pair.past, slots, pair.new):
-            list.append(node.inputs, tensor)
-            list.append(tensor.outputs, node)
+        ir.set_inputs(node, [pair.past, slots, pair.new])
         present = node.outputs[0]
         if present.shape is not None:
             present.shape = [*present.shape[:2], self.capacity, *present.shape[3:]]
@@ -154,16 +148,9 @@ class StaticKvCache(Pass):
         graph.nodes.append(ctx.node("Sub", [full, step], [logical], base=f"{name}/Sub"))
         for node in readers:
             start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
-            ir.touch(node)
-            for tensor in node.inputs:
-                ir._remove_by_identity(tensor.outputs, node)
-            list.clear(node.inputs)
-            bounds = [logical, _i64(ctx, "start", [start]), _i64(ctx, "end", [4 if end is None else int(end)]),
-                      _i64(ctx, "axes", [0])]
             node.op, node.attrs = "Slice", {}
-            for tensor in bounds:
-                list.append(node.inputs, tensor)
-                list.append(tensor.outputs, node)
+            ir.set_inputs(node, [logical, _i64(ctx, "start", [start]),
+                                 _i64(ctx, "end", [4 if end is None else int(end)]), _i64(ctx, "axes", [0])])
 
     def _bias(self, graph: gs.Graph, ctx: RewriteContext, column: gs.Tensor, dtype: object) -> gs.Tensor:
         """bias[b, 0, s, j]: 0 where slot j is visible to new token s, else the dtype's lowest value."""
@@ -192,14 +179,8 @@ class StaticKvCache(Pass):
     def _apply_bias(self, graph: gs.Graph, ctx: RewriteContext, apply: gs.Node, scores: gs.Tensor,
                     bias: gs.Tensor) -> None:
         """apply: Add(scores, mask) or Where(cond, scores, fill) -> Add(scores, bias), same output tensor."""
-        ir.touch(apply)
-        for tensor in apply.inputs:
-            ir._remove_by_identity(tensor.outputs, apply)
-        list.clear(apply.inputs)
         apply.op, apply.attrs = "Add", {}
-        for tensor in (scores, bias):
-            list.append(apply.inputs, tensor)
-            list.append(tensor.outputs, apply)
+        ir.set_inputs(apply, [scores, bias])
 
 
 def cache_pairs(graph: gs.Graph) -> list[CachePair]:

@@ -27,7 +27,8 @@ def panel_for(n: int) -> int | None:
 
 
 def pack_weights(w: np.ndarray, panel: int) -> np.ndarray:
-    """W[K, N] int8 -> P[N / panel, K, panel], contiguous."""
+    """W[K, N] -> P[N / panel, K, panel], contiguous (any dtype: `passes.lowering._packed_matmul` packs float
+    weights the same way)."""
     k, n = w.shape
     return np.ascontiguousarray(w.reshape(k, n // panel, panel).transpose(1, 0, 2))
 

@@ -23,6 +23,7 @@ alone by dlight.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -251,11 +252,7 @@ def _rows_and_vectors(sch: s_tir.Schedule, block: Any, loops: list[Any], extents
     simplifier can prove what a fused flat index hides (a reshape's `(i * 256 + j) // 1024` is 0, a
     concatenation's `j >= 128` holds for a whole vector) and loads stay contiguous vectors instead of
     gathers. False (nothing done) for a block that does not qualify."""
-    inner = extents[-1]
-    rows = 1
-    for extent in extents[:-1]:
-        rows *= extent
-    if len(loops) < 2 or inner % vector_width or rows < _ROWS or _writes_bool(sch, block):
+    if len(loops) < 2 or extents[-1] % vector_width or math.prod(extents[:-1]) < _ROWS or _writes_bool(sch, block):
         return False
     outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
     sch.parallel(outer)
@@ -287,10 +284,7 @@ def _spread(sch: s_tir.Schedule, block: Any, vector_width: int) -> None:
         return
     if leading == len(kinds):  # elementwise: one flat loop, vectors inside, threads outside
         flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        total = 1
-        for extent in extents:
-            total *= extent
-        lanes = fitting(total, vector_width)
+        lanes = fitting(math.prod(extents), vector_width)
         if lanes > 1 and not _writes_bool(sch, block):
             outer, inner = sch.split(flat, [None, lanes])
             sch.parallel(outer)

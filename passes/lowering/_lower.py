@@ -125,7 +125,7 @@ def _lower(model: onnx.ModelProto | dict[str, onnx.ModelProto], target: Any, tun
     started = time.perf_counter()
     entries: dict = {}
     generator = isinstance(model, dict)
-    if isinstance(model, dict):
+    if generator:
         module, entries, imported = _import_phases(model, target)
     else:
         imported = import_onnx(_packed_for_decode(model, target))

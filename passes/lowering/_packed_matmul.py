@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import tvm
 from tvm import relax, te
+
+from passes.kernels import cpu_w8a16
 
 def legalize_map(target: Any) -> dict[str, Callable[[relax.BlockBuilder, relax.Call], relax.Expr]]:
     """`LegalizeOps(customize_legalize_map=...)` entries for an llvm target with a float GEMM tile."""
@@ -37,12 +38,6 @@ def legalize_map(target: Any) -> dict[str, Callable[[relax.BlockBuilder, relax.C
         return packed if packed is not None else call.op.get_attr("FLegalize")(bb, call)
 
     return {"relax.matmul": legalize}
-
-
-def pack(weight: np.ndarray, panel: int) -> np.ndarray:
-    """W[K, N] -> P[N / panel, K, panel], contiguous."""
-    k, n = weight.shape
-    return np.ascontiguousarray(weight.reshape(k, n // panel, panel).transpose(1, 0, 2))
 
 
 def _packed(bb: relax.BlockBuilder, call: relax.Call, tiles: Any) -> relax.Expr | None:
@@ -61,7 +56,7 @@ def _packed(bb: relax.BlockBuilder, call: relax.Call, tiles: Any) -> relax.Expr 
     if dims[-2] <= tiles.tile_m or dims[-1] != depth:
         return None  # one row tile (decode, as the schedule decides it): `pack-matmul-weights` lays those out
     panel = vector_tile(cols, tiles.tile_n, tiles.vector_width)
-    values = pack(weight.value.numpy(), panel)
+    values = cpu_w8a16.pack_weights(weight.value.numpy(), panel)  # the same column panels, any dtype
 
     def compute(a: te.Tensor, p: te.Tensor) -> te.Tensor:
         r = te.reduce_axis((0, depth), name="k")

@@ -129,7 +129,9 @@ def rpc_tracker(logs: Path, key: str, servers: int = 1, timeout: float = 60.0) -
     from passes.lowering._rpc import Tracker, count_servers
 
     tracker = Tracker("127.0.0.1", free_port(), key)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    scratch = Path(logs) / "rpc-tmp"  # the servers are killed, never left to remove their upload folders
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch)}
     processes = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                    "--port", str(tracker.port), "--port-end", str(tracker.port + 1)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,

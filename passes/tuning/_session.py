@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -195,17 +196,22 @@ def _measurer(target: Any, tvm_target: tvm.target.Target, options: TuneOptions,
         if not candidates:
             return []
         built = builder.build([ms.builder.BuilderInput(c.sch.mod, tvm_target) for c in candidates])
-        results: list[Any] = [None] * len(candidates)
-        inputs, where = [], []
-        for index, (candidate, done) in enumerate(zip(candidates, built)):
-            if done.error_msg is not None:
-                results[index] = ms.runner.RunnerResult(run_secs=None, error_msg=f"build: {done.error_msg}")
-                continue
-            inputs.append(ms.runner.RunnerInput(done.artifact_path, device, candidate.args_info))
-            where.append(index)
-        for index, future in zip(where, runner.run(inputs)):
-            results[index] = future.result()
-        return results
+        try:
+            results: list[Any] = [None] * len(candidates)
+            inputs, where = [], []
+            for index, (candidate, done) in enumerate(zip(candidates, built)):
+                if done.error_msg is not None:
+                    results[index] = ms.runner.RunnerResult(run_secs=None, error_msg=f"build: {done.error_msg}")
+                    continue
+                inputs.append(ms.runner.RunnerInput(done.artifact_path, device, candidate.args_info))
+                where.append(index)
+            for index, future in zip(where, runner.run(inputs)):
+                results[index] = future.result()
+            return results
+        finally:  # MetaSchedule's own task scheduler removes what its builder made; this loop replaces it
+            for done in built:
+                if done.artifact_path is not None:
+                    shutil.rmtree(os.path.dirname(done.artifact_path), ignore_errors=True)
 
     return measure
 

@@ -92,10 +92,15 @@ def x86_target(mcpu: str):  # -> passes.targets.TargetDescription
 
     source = (Path(__file__).resolve().parents[2] / "targets" / "host.toml").read_text()
     assert 'mcpu = "detect"' in source
-    folder = Path(tempfile.mkdtemp(prefix="passes-x86-target-"))
-    path = folder / f"x86-{mcpu}.toml"
+    global _TARGET_FOLDER
+    if _TARGET_FOLDER is None:  # kept for the process (descriptions name their source file), removed at exit
+        _TARGET_FOLDER = tempfile.TemporaryDirectory(prefix="passes-x86-target-")
+    path = Path(_TARGET_FOLDER.name) / f"x86-{mcpu}.toml"
     path.write_text(source.replace('mcpu = "detect"', f'mtriple = "x86_64-unknown-linux-gnu", mcpu = "{mcpu}"'))
     return load_target(path)
+
+
+_TARGET_FOLDER = None
 
 
 def onnx_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -38,9 +39,14 @@ def test_allocate_follows_flops_and_tops_up_tasks_behind():
 
 
 @needs_x86_int8
-def test_a_session_records_resumes_and_never_measures_a_candidate_twice(small_model, tmp_path):
+def test_a_session_records_resumes_and_never_measures_a_candidate_twice(small_model, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"  # the temporary folder of this process and of the builder's workers
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     session = tmp_path / "session"
     first = tune(small_model, "host", session, quick_options(8))
+    assert not [p for p in scratch.iterdir() if p.is_dir()], "the candidates' build folders were left behind"
     assert first.trials_new == 8
     assert {task.space for task in first.tasks} == {HOST_ISA.family}
     assert (session / WORKLOAD_FILE).is_file() and (session / RECORD_FILE).is_file()

@@ -16,6 +16,7 @@ dynamo exporters; needs the `test` extra, exported once into out/real-exports).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ def _interleaved(model: onnx.ModelProto, repeat: int) -> dict[str, float]:
     best = dict.fromkeys(TOOLS, float("inf"))
     for _ in range(repeat):
         for name, fn in TOOLS.items():
+            gc.collect()  # the last tool's garbage is collected here, not inside the next tool's timing
             start = time.perf_counter()
             fn(model)
             best[name] = min(best[name], time.perf_counter() - start)

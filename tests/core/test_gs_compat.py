@@ -1,9 +1,10 @@
-"""The faster `import_node` and `import_tensor` (`passes.core._gs_compat`) build the same graph as graphsurgeon's own: every
+"""The faster `import_node`, `import_tensor` and `import_attributes` (`passes.core._gs_compat`) build the same graph as graphsurgeon's own: every
 node's op, name, domain and attributes, its tensors by name and kind, and the use lists on both sides
 (which node objects consume and produce each tensor, in order, repeats included)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,15 +18,29 @@ from passes.core import _gs_compat, ir
 from passes.samples import build_sample
 
 
+def _stock_attributes(onnx_attributes: list[onnx.AttributeProto], *args: object, **kwargs: object) -> dict[str, object]:
+    """graphsurgeon's attribute import one attribute at a time, and the type attributes it skips as protos."""
+    attrs: dict[str, object] = OrderedDict()
+    for attribute in onnx_attributes:
+        if attribute.type == onnx.AttributeProto.TYPE_PROTO and not attribute.ref_attr_name:
+            attrs[attribute.name] = attribute.tp
+        elif attribute.type == onnx.AttributeProto.TYPE_PROTOS and not attribute.ref_attr_name:
+            attrs[attribute.name] = list(attribute.type_protos)
+        else:
+            attrs.update(_gs_compat.STOCK_IMPORT_ATTRIBUTES([attribute], *args, **kwargs))
+    return attrs
+
+
 def _stock_import(model: onnx.ModelProto) -> gs.Graph:
     importer = onnx_importer.OnnxImporter
-    ours = importer.import_node, importer.import_tensor
+    ours = importer.import_node, importer.import_tensor, importer.import_attributes
     importer.import_node = staticmethod(_gs_compat.STOCK_IMPORT_NODE)
     importer.import_tensor = staticmethod(_gs_compat.STOCK_IMPORT_TENSOR)
+    importer.import_attributes = staticmethod(_stock_attributes)
     try:
         return gs.import_onnx(model)
     finally:
-        importer.import_node, importer.import_tensor = (staticmethod(f) for f in ours)
+        importer.import_node, importer.import_tensor, importer.import_attributes = (staticmethod(f) for f in ours)
 
 
 def _describe(graph: gs.Graph) -> Iterator[object]:

@@ -73,6 +73,12 @@ class Pass(abc.ABC):
     #: registered pass to it); the pass manager then skips re-running it on a graph nothing else touched.
     #: Set False for a pass that makes one step per run and relies on a fixpoint to repeat it.
     idempotent: ClassVar[bool] = True
+    #: every change the pass makes removes nodes that nothing reads (eliminate-dead-code)
+    only_removes_dead_nodes: ClassVar[bool] = False
+    #: removing nodes that nothing reads never gives the pass new work: it decides from what nodes
+    #: compute, not from who reads them (a fixpoint round then ends without rerunning it after dead-code
+    #: removal; with contracts checked the manager reruns it anyway and fails if it changes anything)
+    blind_to_dead_code: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -301,10 +301,12 @@ class _Runner:
     #: the graph's fingerprint and op histogram, carried across passes that change nothing
     fingerprint: int | None = None
     ops: dict[str, int] | None = None
-    #: how many applications changed the graph so far, and for each pass instance (by id) that count
-    #: after its last application and whether that application changed the graph
+    #: how many applications changed the graph so far (all of them, and those that did more than remove
+    #: dead nodes), and for each pass instance (by id) those counts after its last application and
+    #: whether that application changed the graph
     version: int = 0
-    last_run: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    live_version: int = 0
+    last_run: dict[int, tuple[int, int, bool]] = field(default_factory=dict)
     #: weights past HEAVY_BYTES: collect the cycles a modifying pass leaves (gc is off during runs)
     heavy: bool = False
 
@@ -328,16 +330,23 @@ class _Runner:
             "two of its passes probably undo each other"
         )
 
-    def settled(self, pass_: Pass) -> bool:
+    def settled(self, pass_: Pass, *, dead_code_blind: bool = True) -> bool:
         """The pass already ran on the graph as it stands, and running it again would change nothing:
         its last run changed nothing (passes are deterministic), or it changed the graph and nothing
-        ran since (passes are idempotent: `Pass.idempotent`, held by tests/infra/test_every_pass.py).
-        This ends a fixpoint round early and spares most of a fixpoint's last, all-quiet round."""
+        ran since (passes are idempotent: `Pass.idempotent`, held by tests/infra/test_every_pass.py);
+        for a pass `blind_to_dead_code`, dead-code removal since does not count. This ends a fixpoint
+        round early and spares most of a fixpoint's last, all-quiet round."""
         last = self.last_run.get(id(pass_))
-        return last is not None and last[0] == self.version and (not last[1] or pass_.idempotent)
+        if last is None or not (not last[2] or pass_.idempotent):
+            return False
+        if dead_code_blind and pass_.blind_to_dead_code:
+            return last[1] == self.live_version
+        return last[0] == self.version
 
     def run_pass(self, pass_: Pass, round_: int | None) -> bool:
         if self.settled(pass_):
+            if self.check_contracts and not self.settled(pass_, dead_code_blind=False):
+                self._check_blind_to_dead_code(pass_)
             self.report.skipped += 1
             return False
         for instrument in self.instruments:
@@ -373,8 +382,17 @@ class _Runner:
             gc.collect()  # weights a pass replaced sit in node <-> tensor cycles; a 4 GB model cannot wait for the end
         self.ops = record.ops_after
         self.version += result.modified
-        self.last_run[id(pass_)] = (self.version, result.modified)
+        self.live_version += result.modified and not pass_.only_removes_dead_nodes
+        self.last_run[id(pass_)] = (self.version, self.live_version, result.modified)
         view = StepView(self.graph)
         for instrument in self.instruments:
             instrument.after_pass(pass_, view, record)
         return result.modified
+
+    def _check_blind_to_dead_code(self, pass_: Pass) -> None:
+        """Contract mode: run a pass skipped as `blind_to_dead_code` anyway; it must change nothing."""
+        result, self.fingerprint = pass_.run_checked(self.graph, check_contract=True, fingerprint=self.fingerprint)
+        if result.modified:
+            raise PassFailedError(
+                f"pass {pass_.name!r} is declared blind_to_dead_code but changed the graph after dead-code removal"
+            )

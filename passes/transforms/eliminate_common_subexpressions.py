@@ -33,6 +33,7 @@ class EliminateCommonSubexpressions(Pass):
     """Merge duplicate nodes (same op, inputs, attributes) and duplicate constants."""
 
     name = "eliminate-common-subexpressions"
+    blind_to_dead_code = True
     max_constant_bytes: int = field(
         default=64 * 2**20, metadata={"min": 0, "help": "constants larger than this are not compared byte by byte"}
     )

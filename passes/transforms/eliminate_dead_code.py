@@ -23,6 +23,7 @@ class EliminateDeadCode(Pass):
     """Remove nodes that no graph output depends on (unread initializers go with them)."""
 
     name = "eliminate-dead-code"
+    only_removes_dead_nodes = True
 
     def call(self, graph: gs.Graph) -> PassResult:
         live_nodes = live_node_ids(graph)

@@ -32,6 +32,7 @@ class FoldConstants(Pass):
     """Evaluate constant subgraphs and static shape queries; turn Constant nodes into initializers."""
 
     name = "fold-constants"
+    blind_to_dead_code = True
     max_bytes: int = field(
         default=2**20, metadata={"min": 0, "help": "largest folded output (bytes) unless no larger than its inputs"}
     )

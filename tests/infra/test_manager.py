@@ -156,6 +156,55 @@ def test_a_pass_runs_again_once_another_changed_the_graph() -> None:
     assert report.skipped == 1
 
 
+@dataclass(frozen=True)
+class _CountsReaders(Pass):
+    """Claims to be blind to dead code, but renames a node after how many nodes read its input."""
+
+    name = "counts-readers"
+    blind_to_dead_code = True
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        node = graph.nodes[0]
+        name = f"read-by-{len(node.inputs[0].outputs)}"
+        if node.name == name:
+            return PassResult(graph, False)
+        node.name = name
+        return PassResult(graph, True)
+
+
+def _with_dead_neg() -> onnx.ModelProto:
+    made = _relu_model()
+    made.graph.node.append(onnx.helper.make_node("Neg", ["x"], ["dead"]))
+    return made
+
+
+def test_dead_code_removal_does_not_rerun_the_passes_blind_to_it() -> None:
+    # fold-constants and CSE decide from what nodes compute: after eliminate-dead-code removed the dead
+    # Neg, round 2 reruns only eliminate-identity (which must: an Identity feeding a graph output can
+    # go once nothing else reads its input)
+    report = PassManager(
+        "fixpoint(eliminate-identity,fold-constants,eliminate-common-subexpressions,eliminate-dead-code)",
+        check_contracts=False,
+    ).run(_with_dead_neg()).report
+    assert [(r.name, r.round, r.modified) for r in report.passes] == [
+        ("eliminate-identity", 1, True), ("fold-constants", 1, False), ("eliminate-common-subexpressions", 1, False),
+        ("eliminate-dead-code", 1, True), ("eliminate-identity", 2, False),
+    ]
+    assert report.skipped == 3
+
+
+def test_contract_mode_catches_a_pass_wrongly_declared_blind_to_dead_code() -> None:
+    with pytest.raises(PassFailedError, match="'counts-readers' is declared blind_to_dead_code but changed"):
+        PassManager([Fixpoint((_CountsReaders(), _dce()))], check_contracts=True).run(_with_dead_neg())
+    # without contract checks the claim is trusted
+    PassManager([Fixpoint((_CountsReaders(), _dce()))], check_contracts=False).run(_with_dead_neg())
+
+
+def _dce() -> Pass:
+    from passes.transforms.eliminate_dead_code import EliminateDeadCode
+
+    return EliminateDeadCode()
+
 
 def test_dump_ir_writes_every_intermediate_graph(tmp_path: Path) -> None:
     PassManager("eliminate-identity,eliminate-dead-code", dump_ir=tmp_path / "ir").run(_relu_model())

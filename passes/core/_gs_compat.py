@@ -151,6 +151,20 @@ def install() -> None:
     onnx_exporter.dtype_to_onnx = _cached_dtype_to_onnx(onnx_exporter.dtype_to_onnx)
     onnx_exporter.OnnxExporter.export_value_info_proto = staticmethod(export_value_info_proto)  # type: ignore[method-assign]
     onnx_exporter.constant_to_onnx_tensor = constant_to_onnx_tensor
+    stock_tensor_proto = onnx_exporter.OnnxExporter.export_tensor_proto
+
+    def export_tensor_proto(tensor: gs.Constant) -> onnx.TensorProto:
+        # graphsurgeon names an unloaded constant's TensorProto in place: that proto is the input model's
+        # (an initializer, a lifted Constant node's value), which is never to be written
+        values = tensor._values
+        if isinstance(values, LazyValues) and values.tensor.name != tensor.name:
+            renamed = onnx.TensorProto()
+            renamed.CopyFrom(values.tensor)
+            renamed.name = tensor.name
+            return renamed
+        return stock_tensor_proto(tensor)
+
+    onnx_exporter.OnnxExporter.export_tensor_proto = staticmethod(export_tensor_proto)  # type: ignore[method-assign]
     _track_changes()
     stock_subgraphs = gs.Node.subgraphs
 
@@ -241,9 +255,9 @@ def _synchronized(parent: object, field_name: str, items: list[Any]) -> Synchron
     return synced
 
 
-def new_constant(name: str, values: np.ndarray | LazyValues) -> gs.Constant:
-    """`gs.Constant(name, values)`, its fields set directly (folding makes thousands)."""
-    return _new_tensor(gs.Constant, name, {"_values": values, "data_location": None, "_export_dtype": None})
+def new_constant(name: str, values: np.ndarray | LazyValues, export_dtype: Any = None) -> gs.Constant:
+    """`gs.Constant(name, values, export_dtype=...)`, its fields set directly (folding makes thousands)."""
+    return _new_tensor(gs.Constant, name, {"_values": values, "data_location": None, "_export_dtype": export_dtype})
 
 
 def _new_tensor(kind: type[Any], name: str, fields: dict[str, Any]) -> Any:

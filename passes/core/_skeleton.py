@@ -21,6 +21,7 @@ stale node. Re-exported by `passes.core.ir`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
@@ -28,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import SparseValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from passes.core._opsets import DEFAULT_DOMAINS
 from passes.core._validate import proto_size, tensor_nbytes
@@ -54,6 +55,7 @@ _PIECE = "_passes_piece"
 _Cache = tuple[dict[int, tuple[object, ...]], dict[int, tuple[object, ...]]]
 # GraphProto and ModelProto field numbers
 _NODE, _INITIALIZER, _INPUT, _OUTPUT, _VALUE_INFO, _GRAPH = 1, 5, 11, 12, 13, 7
+_TENSOR_NAME = 8  # TensorProto.name
 
 
 def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -194,6 +196,13 @@ def touch(item: object) -> None:
     item.__dict__.pop(_PIECE, None)
 
 
+def keep_piece(node: gs.Node, entry: _Entry) -> None:
+    """Give back a node the piece `touch` took when an input was swapped for a tensor of the same name (a
+    variable for its constant): the bytes hold; what the node reads is looked up again."""
+    node.__dict__[_PIECE] = (entry[0], tuple(t for t in node.inputs if type(t) is gs.Constant and t.name),
+                             entry[2], entry[3], _node_key(node) if entry[4] is not None else None)
+
+
 def contracts_checked() -> bool:
     """Whether the environment asks for the expensive contract checks (PASSES_CHECK_CONTRACTS=1: the test
     suite sets it; `PassManager.check_contracts` defaults to it)."""
@@ -239,9 +248,14 @@ def _constant_piece(tensor: gs.Constant, cache: _Cache) -> bytes:
     else:
         dtype = np.dtype(values.dtype)
         elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
-    if int(np.prod(values.shape, dtype=np.int64)) * dtype.itemsize > INLINE_BYTES:
+    if math.prod(values.shape) * dtype.itemsize > INLINE_BYTES:
         info = onnx.helper.make_tensor_value_info(tensor.name, elem, list(values.shape))
         piece = _field(_INPUT, info.SerializeToString())
+    elif type(values) is LazyValues and values.tensor.data_location != onnx.TensorProto.EXTERNAL:
+        # an unloaded TensorProto (a lifted Constant node's): its bytes, renamed by a later `name` field
+        proto = values.tensor
+        renamed = b"" if proto.name == tensor.name else _field(_TENSOR_NAME, tensor.name.encode())
+        piece = _field(_INITIALIZER, proto.SerializeToString() + renamed)
     elif type(values) is np.ndarray and dtype in _PLAIN and tensor.__dict__.get("_export_dtype") is None:
         proto = onnx.TensorProto(name=tensor.name, data_type=elem, dims=values.shape, raw_data=values.tobytes())
         piece = _field(_INITIALIZER, proto.SerializeToString())

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from passes.core import _gs_compat
 from passes.core._validate import densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
-    INLINE_BYTES, check_graph, contracts_checked, graph_skeleton, import_skeleton, model_skeleton, touch,
+    _PIECE, INLINE_BYTES, check_graph, contracts_checked, graph_skeleton, import_skeleton, keep_piece, model_skeleton, touch,
 )
 from passes.core._walk import has_subgraph, tensor_map  # noqa: F401 (ditto)
 from passes.core._fingerprint import fingerprint, node_count, node_identity  # noqa: F401 (part of ir's surface)
@@ -269,11 +269,16 @@ def _remove_by_identity(items: list[object], item: object) -> None:
 
 
 def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Point every consumer of `old` at `new` (graph outputs are not consumers: see `graph_outputs`)."""
+    """Point every consumer of `old` at `new` (graph outputs are not consumers: see `graph_outputs`). A
+    consumer's encoded piece names its inputs: when `new` has `old`'s name (a folded output's constant) it holds."""
+    same_name = old.name == new.name
     for consumer in list(old.outputs):
+        piece = consumer.__dict__.get(_PIECE) if same_name else None
         for index, tensor in enumerate(consumer.inputs):
             if tensor is old:
                 set_input(consumer, index, new)
+        if piece is not None:
+            keep_piece(consumer, piece)
 
 
 def graph_output_ids(graph: gs.Graph) -> set[int]:

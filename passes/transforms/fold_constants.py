@@ -212,10 +212,11 @@ def _lift_constant_node(node: gs.Node, outputs: set[int]) -> bool:
     out = node.outputs[0]
     if id(out) in outputs:
         return False
-    value = ir.constant_value(out)
-    if value is None:  # sparse_value or an attribute reference: leave it
+    value = node.attrs.get("value") if ir.is_default_domain(node) else None
+    if not isinstance(value, gs.Constant):  # sparse_value, value_ints and kin, an attribute reference: leave it
         return False
-    ir.replace_all_uses(out, ir.new_constant(out.name, np.asarray(value)))
+    # the attribute's values as they are, unloaded (the initializer is the attribute's TensorProto renamed)
+    ir.replace_all_uses(out, ir.new_constant(out.name, value._values, export_dtype=value.__dict__.get("_export_dtype")))
     ir.detach_node(node)
     return True
 

@@ -32,6 +32,40 @@ def test_structure_constant_chain_folds_to_one_initializer() -> None:
     assert_equivalent(original, result.model, rtol=0, atol=0, input_shapes={"x": [4, 3]})
 
 
+def test_structure_constant_nodes_become_their_own_tensor_protos_renamed_and_the_input_stays() -> None:
+    # a Constant node's value (its TensorProto named "" or otherwise, bfloat16 which numpy lacks) becomes the
+    # initializer as it is, renamed to the node's output; the input model's protos are not renamed in place
+    bf16 = helper.make_tensor("", TensorProto.BFLOAT16, [2], [1.5, -2.0])
+    nodes = [
+        helper.make_node("Constant", [], ["a"], value=numpy_helper.from_array(np.float32([1, 2]), "stored-name")),
+        helper.make_node("Constant", [], ["b"], value=bf16),
+        helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "a"], ["s"]),
+        helper.make_node("Mul", ["s", "bf"], ["y"]),
+    ]
+    original = model(nodes, [tensor("x", [2])], [tensor("y", [2])])
+    before = original.SerializeToString()
+    pipeline = FoldConstants(fold_shapes=False)  # Cast(b) folds too: then b is gone
+    lifted = pipeline(original).model
+    assert original.SerializeToString() == before
+    assert ops(lifted) == ["Add", "Mul"]
+    inits = {t.name: t for t in lifted.graph.initializer}
+    assert set(inits) == {"a", "bf"}
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["a"]), np.float32([1, 2]))
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["bf"]), np.float32([1.5, -2.0]))
+    assert_equivalent(original, lifted, rtol=0, atol=0)
+    # kept unfolded, the bfloat16 constant stays bfloat16
+    kept = model(nodes[1:2] + [helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT, name="dyn")],
+                 [], [tensor("y", [2])])
+    graph = gs.import_onnx(kept)
+    from passes.transforms.fold_constants import _lift_constant_node
+
+    assert _lift_constant_node(graph.nodes[0], set())
+    exported = gs.export_onnx(graph, do_type_check=False)
+    (b,) = exported.graph.initializer
+    assert (b.name, b.data_type) == ("b", TensorProto.BFLOAT16) and kept.graph.node[0].attribute[0].t.name == ""
+
+
 # Shape(x){start, end} on x: [batch, 7, 5, seq]; (start, end) -> the dims folded, or None if dynamic.
 SHAPE_CASES = [
     (1, 3, [7, 5]),

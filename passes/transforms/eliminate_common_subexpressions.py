@@ -12,9 +12,11 @@ produce graph outputs they stay (one value cannot have two names without an Iden
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -83,11 +85,15 @@ class EliminateCommonSubexpressions(Pass):
         in memory beside the model they came from, doubling a 4 GB model)."""
         if id(tensor) in outputs or ir.constant_nbytes(tensor) > self.max_constant_bytes:  # size read unloaded
             return tensor
-        values = _peek(tensor)
-        if values.nbytes <= EXACT_KEY_BYTES and values.dtype.kind != "O":
+        key = _raw_key(tensor)
+        if key is None:
+            values = _peek(tensor)
+            if values.nbytes <= EXACT_KEY_BYTES and values.dtype.kind != "O":
+                key = (values.dtype.str, values.shape, np.ascontiguousarray(values).tobytes())
+        if key is not None:
             # a small constant (shape vectors, scalars: most of an export's) is keyed by its bytes themselves:
             # equal keys are equal constants, so the first of a bucket is the keeper, no hash or comparison
-            bucket = buckets.setdefault((values.dtype.str, values.shape, np.ascontiguousarray(values).tobytes()), [])
+            bucket = buckets.setdefault(key, [])
             if not bucket:
                 bucket.append(tensor)
             return bucket[0]
@@ -115,6 +121,29 @@ def _merge_into(graph: gs.Graph, first: gs.Node, duplicate: gs.Node, outputs: se
             kept.shape = kept.shape if kept.shape is not None else dropped.shape
             outputs.add(id(kept))
     return True
+
+
+def _raw_key(tensor: gs.Constant) -> tuple[str, tuple[int, ...], bytes] | None:
+    """The exact key of a small unloaded constant stored as raw little-endian bytes (a lifted Constant
+    node's, mostly), read off its TensorProto: the key its loaded array would give, without loading it."""
+    stored = tensor._values
+    if type(stored) is not LazyValues:
+        return None
+    proto = stored.tensor
+    dtype = _RAW_DTYPES.get(proto.data_type)
+    raw = proto.raw_data
+    if dtype is None or not raw or len(raw) > EXACT_KEY_BYTES or proto.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    shape = tuple(proto.dims)
+    if len(raw) != math.prod(shape) * dtype.itemsize:
+        return None
+    return dtype.str, shape, raw
+
+
+#: ONNX element types whose raw_data are the numpy array's bytes (little-endian, as ONNX stores them)
+_RAW_DTYPES = {onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t)): np.dtype(t) for t in (
+    np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+    np.uint64, np.bool_)} if np.little_endian else {}
 
 
 def _peek(tensor: gs.Constant) -> np.ndarray:

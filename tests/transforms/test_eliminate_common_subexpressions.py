@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from hypothesis import given
-from onnx import helper
+from onnx import helper, numpy_helper
+
+import passes
 
 from passes.testing import assert_equivalent, assert_pass_sound
 from passes.testing.strategies import onnx_graphs
@@ -29,6 +31,27 @@ def test_structure_duplicate_chains_collapse_in_one_run() -> None:
     assert ops(result.model) == ["Mul", "Softmax", "Softmax", "Add", "Add"]
     assert result.stats == {"nodes_removed": 2, "constants_merged": 1}
     assert_equivalent(original, result.model, rtol=0, atol=0)
+
+
+def test_structure_unloaded_and_loaded_constants_of_equal_bytes_merge() -> None:
+    # `c` stays an unloaded TensorProto (a lifted Constant node), `s` is computed by folding (an array),
+    # `t` is a typed-field TensorProto (no raw_data); all three are int64 [1, 2]
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("", onnx.TensorProto.INT64, [2], [1, 2])),
+        helper.make_node("Add", ["a", "b"], ["s"]),
+        helper.make_node("Reshape", ["x", "c"], ["y1"]),
+        helper.make_node("Reshape", ["x", "s"], ["y2"]),
+        helper.make_node("Reshape", ["x", "t"], ["y3"]),
+        helper.make_node("Reshape", ["x", "r"], ["y4"]),
+    ]
+    raw = numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "r")
+    original = model(nodes, [tensor("x", [2])], [tensor(f"y{i}", [1, 2]) for i in range(1, 5)],
+                     [init("a", np.int64([0, 1])), init("b", np.int64([1, 1])),
+                      helper.make_tensor("t", onnx.TensorProto.INT64, [2], [1, 2]), raw])
+    result = passes.optimize(original, "fold-constants,eliminate-common-subexpressions")
+    shapes = {n.input[1] for n in result.graph.node if n.op_type == "Reshape"}
+    assert len(shapes) == 1, shapes
+    assert_equivalent(original, result, rtol=0, atol=0)
 
 
 def test_numerics_on_sample(sample_model) -> None:  # type: ignore[no-untyped-def]

@@ -66,10 +66,6 @@ def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 def graph_skeleton(graph: gs.Graph) -> bytes:
     """The serialized skeleton of a graph: nodes, inputs, outputs and small constants."""
     cache = _protos(graph)
-    meta = graph.__dict__.get("_passes_model_meta")
-    opsets = [onnx.helper.make_opsetid("", int(graph.opset))]
-    opsets += [e for e in getattr(graph, "import_domains", None) or () if e.domain not in DEFAULT_DOMAINS]
-    header = _empty_like(meta.ir_version if meta is not None else 8, opsets, [], "")
     body = onnx.GraphProto(name=graph.name or "graph").SerializeToString()
     pieces = [body]
     constants: dict[str, gs.Constant] = {}
@@ -83,7 +79,15 @@ def graph_skeleton(graph: gs.Graph) -> bytes:
                   for t in graph.outputs)
     pieces.extend(_constant_piece(t, cache) for t in constants.values() if not isinstance(t._values, SparseValues))
     _forget_the_dead(graph, cache, constants)
-    return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
+    return _empty_header(graph) + _field(_GRAPH, b"".join(pieces))
+
+
+def _empty_header(graph: gs.Graph) -> bytes:
+    """A serialized ModelProto with the graph's IR version and opsets and no graph."""
+    meta = graph.__dict__.get("_passes_model_meta")
+    opsets = [onnx.helper.make_opsetid("", int(graph.opset))]
+    opsets += [e for e in getattr(graph, "import_domains", None) or () if e.domain not in DEFAULT_DOMAINS]
+    return _empty_like(meta.ir_version if meta is not None else 8, opsets, [], "").SerializeToString()
 
 
 def _forget_the_dead(graph: gs.Graph, cache: _Cache, constants: dict[str, gs.Constant]) -> None:

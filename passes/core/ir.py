@@ -8,10 +8,8 @@ consistent, and a cheap structural fingerprint for contract checks.
 
 from __future__ import annotations
 
-import logging
-import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -23,12 +21,12 @@ from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
     _PIECE, INLINE_BYTES, check_graph, contracts_checked, graph_skeleton, import_skeleton, keep_piece, model_skeleton, touch,
 )
 from passes.core._walk import has_subgraph, tensor_map  # noqa: F401 (ditto)
+from passes.core._infer import DIM_RUN, OUR_DIM_BYTES, as_np_dtype, infer_into, refresh_shapes  # noqa: F401 (ditto)
 from passes.core._fingerprint import fingerprint, node_count, node_identity  # noqa: F401 (part of ir's surface)
 from passes.core._opsets import DEFAULT_DOMAINS, opset_version, set_opset_version  # noqa: F401 (ditto)
 
 
 _gs_compat.install()
-logger = logging.getLogger(__name__)
 
 Graph = gs.Graph
 Node = gs.Node
@@ -61,9 +59,9 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True,
     graph._passes_model_meta = _model_meta(model)  # carried through to export_model
     skeleton = import_skeleton(graph, model)
     # runs of our inference that named the model's dims (a scan of the bytes: the names sit in its value_info)
-    graph.__dict__[_DIM_RUN] = max((int(n) for n in _OUR_DIM_BYTES.findall(skeleton)), default=0)
+    graph.__dict__[DIM_RUN] = max((int(n) for n in OUR_DIM_BYTES.findall(skeleton)), default=0)
     if infer_shapes:
-        _infer_into(graph, skeleton)
+        infer_into(graph, skeleton)
     return graph
 
 
@@ -113,14 +111,6 @@ def _model_meta(model: onnx.ModelProto) -> onnx.ModelProto:
             setattr(meta, field, getattr(model, field))
     meta.metadata_props.extend(model.metadata_props)
     return meta
-
-
-def as_np_dtype(dtype: object) -> np.dtype:
-    """A numpy dtype from what graphsurgeon stores: a numpy type, or an ONNX enum for types numpy
-    lacks (bfloat16, float8) which maps to ml_dtypes' numpy types."""
-    if isinstance(dtype, (int, np.integer)):
-        return onnx.helper.tensor_dtype_to_np_dtype(int(dtype))
-    return np.dtype(dtype)  # type: ignore[arg-type]
 
 
 def elem_type(tensor: gs.Tensor) -> int | None:
@@ -283,117 +273,3 @@ def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
 
 def graph_output_ids(graph: gs.Graph) -> set[int]:
     return {id(t) for t in graph.outputs}
-
-
-def refresh_shapes(graph: gs.Graph) -> int:
-    """Re-run ONNX shape inference (with data propagation) and write the results into the graph.
-
-    Inference sees the graph without the bytes of its large constants (they become typed inputs),
-    so this costs the same at any model size. Returns how many tensors got a new shape or dtype.
-    """
-    return _infer_into(graph, graph_skeleton(graph))
-
-
-def _infer_into(graph: gs.Graph, skeleton: bytes) -> int:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError) as err:
-        logger.warning("shape inference failed, continuing without it: %s", str(err).splitlines()[0])
-        return 0
-    tensors = tensor_map(graph)
-    fresh = _fresh_dims(graph)
-    # what each tensor was last given, as bytes: a re-inference mostly repeats itself, and comparing
-    # bytes costs a tenth of applying the type again
-    applied: dict[str, tuple[gs.Tensor, bytes, object, object]] = graph.__dict__.setdefault("_passes_applied_types", {})
-    converted: dict[bytes, tuple[np.dtype | None, list[object] | None]] = {}  # many tensors share a type
-    changed = 0
-    for info in (*inferred.graph.value_info, *inferred.graph.output):
-        tensor = tensors.get(info.name)
-        if tensor is None or type(tensor) is gs.Constant:
-            continue
-        kind = info.type
-        raw = kind.SerializeToString()
-        last = applied.get(info.name)
-        if last is not None and last[0] is tensor and last[1] == raw and last[2] is tensor.dtype and last[3] == tensor.shape:
-            continue
-        typed = converted.get(raw)
-        if typed is None:
-            if not kind.HasField("tensor_type"):
-                continue
-            typed = converted[raw] = _convert_type(kind.tensor_type, fresh)
-        changed += _apply_type(tensor, *typed)
-        applied[info.name] = (tensor, raw, tensor.dtype, list(tensor.shape) if tensor.shape is not None else None)
-    return changed
-
-
-_INFERRED_DIM = re.compile(r"unk__\d+")
-_OUR_DIM = re.compile(r"passes_dim(\d+)_")
-_OUR_DIM_BYTES = re.compile(rb"passes_dim(\d+)_")
-#: the graph's last inference run number (see `_fresh_dims`), kept on the graph
-_DIM_RUN = "_passes_dim_run"
-
-
-def _fresh_dims(graph: gs.Graph) -> Callable[[str], str]:
-    """Renames for the dims one inference run invents (`unk__N`): every run numbers them from 0, so a
-    name kept from an earlier run would claim equal dims that are not (onnxruntime's memory planner
-    trusts dim_params and reuses buffers on that claim). A run's names become `passes_dim<run>_<N>`:
-    equal within the run, where inference made them equal, and distinct from every other run's (the run
-number is past any the graph already holds, so re-imported and reloaded models are safe too)."""
-    declared = {dim for tensor in (*graph.inputs, *graph.outputs) for dim in (tensor.shape or ()) if isinstance(dim, str)}
-    run: list[int] = []  # found on the first invented name: most runs invent none
-
-    def rename(name: str) -> str:
-        if name in declared or not _INFERRED_DIM.fullmatch(name):
-            return name
-        if not run:  # past every run whose names the graph (or the model it came from) holds
-            last = graph.__dict__.get(_DIM_RUN)
-            if last is None:  # a graph import_graph did not make: look at its names once
-                last = max((int(match.group(1)) for tensor in tensor_map(graph).values()
-                            for dim in (tensor.shape or ())
-                            if isinstance(dim, str) and (match := _OUR_DIM.match(dim))), default=0)
-            run.append(last + 1)
-            graph.__dict__[_DIM_RUN] = run[0]
-        return f"passes_dim{run[0]}_{name.removeprefix('unk__')}"
-
-    return rename
-
-
-_NP_DTYPES: dict[int, np.dtype] = {}
-
-
-def _convert_type(info: onnx.TypeProto.Tensor, rename: Callable[[str], str]) -> tuple[np.dtype | None, list[object] | None]:
-    """An inferred tensor type as graphsurgeon keeps it: numpy dtype (None if unset), shape (None if unknown)."""
-    dtype = None
-    if info.elem_type:
-        dtype = _NP_DTYPES.get(info.elem_type)
-        if dtype is None:
-            dtype = _NP_DTYPES[info.elem_type] = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
-    shape = None
-    if info.HasField("shape"):
-        shape = [d.dim_value if kind == "dim_value" else rename(d.dim_param) if kind == "dim_param" and d.dim_param else None
-                 for d in info.shape.dim for kind in (d.WhichOneof("value"),)]
-    return dtype, shape
-
-
-def _apply_type(tensor: gs.Tensor, dtype: np.dtype | None, shape: list[object] | None) -> int:
-    """Give the tensor an inferred dtype, and the inferred shape when it knows more; 1 if anything changed."""
-    changed = 0
-    if dtype is not None:
-        current = tensor.dtype
-        if current is None or current == 0 or (current is not dtype and as_np_dtype(current) != dtype):
-            tensor.dtype = dtype
-            changed = 1
-    if shape is not None:
-        old = list(tensor.shape) if tensor.shape is not None else None
-        if old != shape and (old is None or _more_static(shape, old)):
-            tensor.shape = list(shape)  # a copy: tensors of one type must not share a list
-            changed = 1
-    return changed
-
-
-def _more_static(new: list[object], old: list[object]) -> bool:
-    """Accept an inferred shape only when it knows more than the graph does (a rank, or more fixed
-    dims): inference names unknown dims afresh (`unk__3`) on every run, and renaming them is no news."""
-    if len(new) != len(old):
-        return True
-    return sum(isinstance(d, int) for d in new) > sum(isinstance(d, (int, np.integer)) for d in old)

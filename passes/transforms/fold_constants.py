@@ -43,21 +43,24 @@ class FoldConstants(Pass):
         refusals: list[Refusal] = []
         modified = False
         for _ in range(MAX_ROUNDS):
-            folded_any, refusals = self._fold_round(graph, stats)
+            computed: list[gs.Tensor] = []  # computed tensors that became constants this round
+            folded_any, refusals = self._fold_round(graph, stats, computed)
             if not folded_any:
                 break
             modified = True
             if not self.fold_shapes or not _shape_queries_may_improve(graph):
                 break
-            # new constants can make more shapes static (a Reshape target, a Range limit): re-infer,
-            # so one run reaches the state a fresh import would see and a second run changes nothing
-            ir.refresh_shapes(graph)
+            # new constants can make more shapes static (a Reshape target, a Range limit): re-infer what
+            # reads them, so one run reaches the state a fresh import would see and a second run changes nothing
+            ir.refresh_shapes(graph, computed)
         else:
             raise self.violation(f"folding did not settle in {MAX_ROUNDS} rounds")
         return PassResult(graph, modified, stats, refusals)
 
-    def _fold_round(self, graph: gs.Graph, stats: dict[str, int]) -> tuple[bool, list[Refusal]]:
-        """One topological sweep; returns whether anything folded, and the refusals seen."""
+    def _fold_round(self, graph: gs.Graph, stats: dict[str, int],
+                    computed: list[gs.Tensor]) -> tuple[bool, list[Refusal]]:
+        """One topological sweep; returns whether anything folded, and the refusals seen. The constants
+        that replaced computed tensors go to `computed` (lifted Constant nodes change no type)."""
         outputs = ir.graph_output_ids(graph)
         opset = ir.opset_version(graph)
         folded: list[gs.Node] = []
@@ -75,7 +78,7 @@ class FoldConstants(Pass):
                     refusals.append(Refusal(node.name or node.op, reason))
                 continue
             shape_query = node.op in ("Shape", "Size") or _reads_shape(node)
-            replacements[id(node)] = _replace_with_constants(node, values, outputs)
+            replacements[id(node)] = _replace_with_constants(node, values, outputs, computed)
             folded.append(node)
             stats["shapes_folded" if shape_query else "nodes_folded"] += 1
         if folded:
@@ -221,15 +224,19 @@ def _lift_constant_node(node: gs.Node, outputs: set[int]) -> bool:
     return True
 
 
-def _replace_with_constants(node: gs.Node, values: list[np.ndarray], outputs: set[int]) -> list[gs.Node]:
-    """Swap the node's outputs for constants; return the Constant nodes that take its place, if any."""
+def _replace_with_constants(node: gs.Node, values: list[np.ndarray], outputs: set[int],
+                            computed: list[gs.Tensor]) -> list[gs.Node]:
+    """Swap the node's outputs for constants (each goes to `computed`); return the Constant nodes that
+    take its place, if any."""
     kept_as_nodes: list[tuple[gs.Tensor, np.ndarray]] = []
     for tensor, value in zip(list(node.outputs), values):
         value = np.asarray(value)
         if id(tensor) in outputs:  # a graph output cannot be an initializer: produce it with a Constant node
             kept_as_nodes.append((tensor, value))
         else:
-            ir.replace_all_uses(tensor, ir.new_constant(tensor.name, value))
+            constant = ir.new_constant(tensor.name, value)
+            ir.replace_all_uses(tensor, constant)
+            computed.append(constant)
     ir.detach_node(node)
     replacements = []
     for tensor, value in kept_as_nodes:

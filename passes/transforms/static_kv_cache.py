@@ -94,6 +94,7 @@ class StaticKvCache(Pass):
 
         EliminateDeadCode().call(graph)
         graph.toposort()
+        ir.refresh_shapes(graph)  # the caches' and mask's new shapes, through everything that reads them
         return PassResult(graph, True, {"caches": len(pairs), "masks_replaced": len(masked), "capacity": self.capacity})
 
     # -- checks -------------------------------------------------------------------------------

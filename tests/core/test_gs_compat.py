@@ -49,7 +49,8 @@ def _describe(graph: gs.Graph) -> Iterator[object]:
 
     def tensor(t: gs.Tensor) -> object:
         uses = (tuple(index.get(id(n), "outer") for n in t.inputs), tuple(index.get(id(n), "outer") for n in t.outputs))
-        extra = (t.data_location, t.__dict__.get("_export_dtype")) if isinstance(t, gs.Constant) else ()
+        extra = ((t.data_location, t.__dict__.get("_export_dtype"), type(t._values).__name__,
+                  getattr(t._values, "nbytes", None), list(t._values.shape)) if isinstance(t, gs.Constant) else ())
         return (type(t).__name__, t.name, str(t.dtype), t.shape, getattr(t, "type", None), uses, extra)
 
     def attr(value: object) -> object:

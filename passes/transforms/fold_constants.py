@@ -153,11 +153,13 @@ def _static_shape_query(node: gs.Node) -> list[np.ndarray] | None:
 def _static_dims_gathered(node: gs.Node) -> np.ndarray | None:
     """Gather(Shape(x), const indices) when the gathered dims of x are static, even if others are not."""
     source = ir.producer(node.inputs[0])
-    indices = ir.constant_value(node.inputs[1])
-    if source is None or source.op != "Shape" or indices is None or not ir.is_default_domain(source):
+    if source is None or source.op != "Shape" or not ir.is_default_domain(source):
         return None
     dims = _shape_slice(source)
-    if dims is None or not dims or not np.issubdtype(indices.dtype, np.integer):
+    if not dims or not any(_is_static(d) for d in dims):  # nothing it gathers can be static
+        return None
+    indices = ir.constant_value(node.inputs[1])
+    if indices is None or not np.issubdtype(indices.dtype, np.integer):
         return None
     if np.any(indices < -len(dims)) or np.any(indices >= len(dims)):
         return None  # out of range: leave the error to the runtime

@@ -297,7 +297,8 @@ def test_property_valid_accurate_idempotent(case: tuple[onnx.ModelProto, dict[st
         rows = x.size // x.shape[-1]
         power = max(power, alpha**2 * calibrated * rows * float(np.sum(np.square(weight.astype(np.float64)))))
     assert 10 * np.log10(power / max(np.sum(noise**2), 1e-300)) >= MIN_SQNR_DB
-    if expected.size >= 64:
+    if expected.size >= 64 and scheme != "w8a8-static":  # static: an input below the calibrated spread (the
+        # noise stays that of the calibrated scale) lowers the plain SQNR, as above (a 2 x 1 input: 29.7 dB)
         product = expected - _bias_term(original)
         assert sqnr_db(product, product + noise) >= MIN_SQNR_DB
     again = QuantizeInt8(scheme=scheme)(once.model)  # type: ignore[arg-type]

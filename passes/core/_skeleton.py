@@ -124,6 +124,23 @@ def _walk_nodes(graph: gs.Graph, constants: dict[str, gs.Constant] | None) -> li
     return pieces
 
 
+def node_entries(graph: gs.Graph) -> list[_Entry]:
+    """Each node's cache entry (piece first), in order, re-encoding the nodes that changed."""
+    entries: list[_Entry] = []
+    append = entries.append
+    verify = contracts_checked()
+    for node in graph.nodes:  # `_walk_nodes`' loop
+        fields = node.__dict__
+        entry = fields.get(_PIECE)
+        attrs = fields["attrs"]
+        if entry is None or ((attrs or entry[2]) and [*map(id, attrs), *map(id, attrs.values())] != entry[2]):
+            entry = _node_entry(node, verify)
+        elif verify:
+            _verify_clean(node, entry)
+        append(entry)
+    return entries
+
+
 def value_info_pieces(graph: gs.Graph, tensors: Iterable[gs.Variable]) -> bytes:
     """The tensors as serialized GraphProto `value_info` fields, each re-encoded only when its name, dtype,
     shape or type changed (an export writes one per typed tensor: thousands in a dynamo export)."""
@@ -140,12 +157,6 @@ def value_info_pieces(graph: gs.Graph, tensors: Iterable[gs.Variable]) -> bytes:
                                              _field(_VALUE_INFO, info.SerializeToString()))
         pieces.append(entry[5])
     return b"".join(pieces)
-
-
-def check_graph(graph: gs.Graph) -> None:
-    """Run the ONNX checker on the graph's skeleton (large constants as typed inputs, so no weight
-    is copied): node, attribute, type and ordering rules; raises `onnx.checker.ValidationError`."""
-    onnx.checker.check_model(graph_skeleton(graph))
 
 
 def import_skeleton(graph: gs.Graph, model: onnx.ModelProto) -> bytes:

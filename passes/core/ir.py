@@ -18,8 +18,9 @@ import onnx_graphsurgeon as gs
 from passes.core import _gs_compat
 from passes.core._validate import densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
-    _PIECE, INLINE_BYTES, check_graph, contracts_checked, graph_skeleton, import_skeleton, keep_piece, model_skeleton, touch,
+    _PIECE, INLINE_BYTES, contracts_checked, graph_skeleton, import_skeleton, keep_piece, model_skeleton, touch,
 )
+from passes.core._check import check_graph, remember_import  # noqa: F401 (ditto)
 from passes.core._walk import has_subgraph, tensor_map  # noqa: F401 (ditto)
 from passes.core._infer import DIM_RUN, OUR_DIM_BYTES, as_np_dtype, infer_into, refresh_shapes  # noqa: F401 (ditto)
 from passes.core._fingerprint import fingerprint, node_count, node_identity  # noqa: F401 (part of ir's surface)
@@ -62,6 +63,7 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True,
     graph.__dict__[DIM_RUN] = max((int(n) for n in OUR_DIM_BYTES.findall(skeleton)), default=0)
     if infer_shapes:
         infer_into(graph, skeleton)
+    remember_import(graph, skeleton)
     return graph
 
 

@@ -92,6 +92,28 @@ def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
+#: ONNX element types whose raw_data are the numpy array's bytes (little-endian, as ONNX stores them)
+RAW_DTYPES: dict[int, np.dtype] = {onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t)): np.dtype(t) for t in (
+    np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+    np.uint64, np.bool_)} if np.little_endian else {}
+#: the most bytes `small_raw_values` reads
+SMALL_RAW_BYTES = 4096
+
+
+def small_raw_values(proto: onnx.TensorProto) -> np.ndarray | None:
+    """The values of a small TensorProto stored as raw bytes of a plain numpy type (shape vectors, axes,
+    scalars), read straight from the bytes; None for anything else (numpy_helper's general reader costs
+    10 us, and graphsurgeon keeps what it loaded, which re-encodes the constant's skeleton piece)."""
+    dtype = RAW_DTYPES.get(proto.data_type)
+    raw = proto.raw_data
+    if dtype is None or not raw or len(raw) > SMALL_RAW_BYTES or proto.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    shape = tuple(proto.dims)
+    if len(raw) != math.prod(shape) * dtype.itemsize:
+        return None
+    return np.frombuffer(raw, dtype).reshape(shape).copy()
+
+
 def stored_bytes(tensor: gs.Constant) -> int:
     """Bytes a constant's values take, without loading them when they are still lazy."""
     values = tensor._values

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from passes.core import _gs_compat
 from passes.core._validate import densify_sparse_initializers
@@ -163,6 +164,9 @@ new_constant = _gs_compat.new_constant
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant-node output), else None."""
     if isinstance(tensor, gs.Constant):
+        stored = tensor._values
+        if type(stored) is LazyValues and (small := _gs_compat.small_raw_values(stored.tensor)) is not None:
+            return small
         return np.asarray(tensor.values)
     node = producer(tensor)
     if node is not None and node.op == "Constant" and is_default_domain(node) and "value" in node.attrs:

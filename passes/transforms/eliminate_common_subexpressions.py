@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from passes.core import ir
+from passes.core._gs_compat import RAW_DTYPES
 from passes.infra._pass import Pass, PassResult
 
 #: constants up to this size are keyed by their bytes (larger ones by a hash of a sample, then compared)
@@ -130,7 +131,7 @@ def _raw_key(tensor: gs.Constant) -> tuple[str, tuple[int, ...], bytes] | None:
     if type(stored) is not LazyValues:
         return None
     proto = stored.tensor
-    dtype = _RAW_DTYPES.get(proto.data_type)
+    dtype = RAW_DTYPES.get(proto.data_type)
     raw = proto.raw_data
     if dtype is None or not raw or len(raw) > EXACT_KEY_BYTES or proto.data_location == onnx.TensorProto.EXTERNAL:
         return None
@@ -138,12 +139,6 @@ def _raw_key(tensor: gs.Constant) -> tuple[str, tuple[int, ...], bytes] | None:
     if len(raw) != math.prod(shape) * dtype.itemsize:
         return None
     return dtype.str, shape, raw
-
-
-#: ONNX element types whose raw_data are the numpy array's bytes (little-endian, as ONNX stores them)
-_RAW_DTYPES = {onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t)): np.dtype(t) for t in (
-    np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
-    np.uint64, np.bool_)} if np.little_endian else {}
 
 
 def _peek(tensor: gs.Constant) -> np.ndarray:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given
+from hypothesis import given, reject
 
+from passes.core.errors import VerificationError
 from passes.infra.registry import default_registry
 from passes.testing import assert_pass_sound
 from passes.testing.strategies import onnx_graphs, shape_chain_graphs
@@ -20,6 +21,10 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def _check(name: str, original: onnx.ModelProto) -> None:
+    try:  # the oracle must run the input: onnxruntime without its optimisations fails on some drawn graphs
+        run_model(original, random_feeds(original, 0))  # (Range over a Size, a buffer reused at a wrong size)
+    except VerificationError:
+        reject()
     pass_ = default_registry().get(name)()
     if pass_.exact:
         assert_pass_sound(pass_, original, rtol=RTOL, atol=ATOL)

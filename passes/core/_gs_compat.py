@@ -118,7 +118,11 @@ def stored_bytes(tensor: gs.Constant) -> int:
     """Bytes a constant's values take, without loading them when they are still lazy."""
     values = tensor._values
     if isinstance(values, LazyValues):
-        return tensor_nbytes(values.tensor, tensor.name)
+        proto = values.tensor
+        dtype, dims = RAW_DTYPES.get(proto.data_type), proto.dims
+        if dtype is not None and min(dims, default=0) >= 0:  # plain numeric types: dims and item size say it
+            return math.prod(dims) * dtype.itemsize
+        return tensor_nbytes(proto, tensor.name)
     return int(getattr(values, "nbytes", 0))
 
 

@@ -156,7 +156,7 @@ def infer_into(graph: gs.Graph, skeleton: bytes, tensors: dict[str, gs.Tensor] |
     changed = 0
     for info in (*inferred.graph.value_info, *inferred.graph.output):
         tensor = tensors.get(info.name)
-        if tensor is None or type(tensor) is gs.Constant:
+        if tensor is None or type(tensor) is not gs.Variable:
             continue
         kind = info.type
         raw = kind.SerializeToString()
@@ -236,15 +236,17 @@ def _convert_type(info: onnx.TypeProto.Tensor, rename: Callable[[str], str]) -> 
 def _apply_type(tensor: gs.Tensor, dtype: np.dtype | None, shape: list[object] | None) -> int:
     """Give the tensor an inferred dtype, and the inferred shape when it knows more; 1 if anything changed."""
     changed = 0
+    fields = tensor.__dict__  # a Variable's plain fields: no hook needs to see a type change
     if dtype is not None:
-        current = tensor.dtype
+        current = fields.get("dtype")
         if current is None or current == 0 or (current is not dtype and as_np_dtype(current) != dtype):
-            tensor.dtype = dtype
+            fields["dtype"] = dtype
             changed = 1
     if shape is not None:
-        old = list(tensor.shape) if tensor.shape is not None else None
+        current = fields.get("shape")
+        old = list(current) if current is not None else None
         if old != shape and (old is None or _more_static(shape, old)):
-            tensor.shape = list(shape)  # a copy: tensors of one type must not share a list
+            fields["shape"] = list(shape)  # a copy: tensors of one type must not share a list
             changed = 1
     return changed
 

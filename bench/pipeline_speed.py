@@ -111,18 +111,32 @@ def run(layers: list[int], repeat: int, real: bool = False) -> dict[str, object]
         rows.append({"model": label, "nodes": len(model.graph.node), "nodes_after": nodes_after, "seconds": times})
     return {
         "bench": "pipeline_speed",
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "repeat": repeat,
         "rows": rows,
     }
+
+
+def _cpu_model() -> str:
+    """This CPU's model name (/proc/cpuinfo where it exists): the tools' ratios depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def render(result: dict[str, object]) -> None:
     rows = result["rows"]
     assert isinstance(rows, list)
     base = rows[0]
+    machine = result["machine"]
+    assert isinstance(machine, dict)
     table = Table(
-        title=f"canonicalize vs peers, seconds, best of {result['repeat']} "
+        title=f"canonicalize vs peers on {machine['cpu']}, seconds, best of {result['repeat']} "
         "(ours -chk: without the per-pass checker; ORT: onnxruntime offline optimizer)"
     )
     table.add_column("model")
@@ -142,7 +156,10 @@ def render(result: dict[str, object]) -> None:
             *(f"{secs[name]:.3f}" for name in TOOLS),
             f"{ratio:.2f}x", f"{secs['ours'] / secs['onnxslim']:.2f}x", f"{growth_nodes:.1f}x/{growth_time:.1f}x",
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log: the whole table, not one cut to 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 def main() -> None:

@@ -100,17 +100,27 @@ RAW_DTYPES: dict[int, np.dtype] = {onnx.helper.np_dtype_to_tensor_dtype(np.dtype
 SMALL_RAW_BYTES = 4096
 
 
-def small_raw_values(proto: onnx.TensorProto) -> np.ndarray | None:
-    """The values of a small TensorProto stored as raw bytes of a plain numpy type (shape vectors, axes,
-    scalars), read straight from the bytes; None for anything else (numpy_helper's general reader costs
-    10 us, and graphsurgeon keeps what it loaded, which re-encodes the constant's skeleton piece)."""
+def raw_layout(proto: onnx.TensorProto, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], bytes] | None:
+    """(numpy dtype, shape, raw bytes) of a TensorProto of at most `max_bytes` stored inline as the raw
+    bytes of a plain numpy type; None for anything else."""
     dtype = RAW_DTYPES.get(proto.data_type)
     raw = proto.raw_data
-    if dtype is None or not raw or len(raw) > SMALL_RAW_BYTES or proto.data_location == onnx.TensorProto.EXTERNAL:
+    if dtype is None or not raw or len(raw) > max_bytes or proto.data_location == onnx.TensorProto.EXTERNAL:
         return None
     shape = tuple(proto.dims)
     if len(raw) != math.prod(shape) * dtype.itemsize:
         return None
+    return dtype, shape, raw
+
+
+def small_raw_values(proto: onnx.TensorProto) -> np.ndarray | None:
+    """The values of a small TensorProto stored as raw bytes of a plain numpy type (shape vectors, axes,
+    scalars), read straight from the bytes; None for anything else (numpy_helper's general reader costs
+    10 us, and graphsurgeon keeps what it loaded, which re-encodes the constant's skeleton piece)."""
+    layout = raw_layout(proto, SMALL_RAW_BYTES)
+    if layout is None:
+        return None
+    dtype, shape, raw = layout
     return np.frombuffer(raw, dtype).reshape(shape).copy()
 
 

@@ -106,22 +106,12 @@ def node_pieces(graph: gs.Graph) -> bytes:
 
 def _walk_nodes(graph: gs.Graph, constants: dict[str, gs.Constant] | None) -> list[bytes]:
     """Each node's piece, in order; the constants the nodes read are gathered into `constants`."""
-    pieces: list[bytes] = []
-    append = pieces.append
-    verify = contracts_checked()
-    for node in graph.nodes:  # the hot loop: a clean node costs two lookups and its attributes' ids
-        fields = node.__dict__
-        entry = fields.get(_PIECE)
-        attrs = fields["attrs"]
-        if entry is None or ((attrs or entry[2]) and [*map(id, attrs), *map(id, attrs.values())] != entry[2]):
-            entry = _node_entry(node, verify)
-        elif verify:
-            _verify_clean(node, entry)
-        append(entry[0])
-        if constants is not None:
+    entries = node_entries(graph)
+    if constants is not None:
+        for entry in entries:
             for tensor in entry[1]:
                 constants[tensor.name] = tensor
-    return pieces
+    return [entry[0] for entry in entries]
 
 
 def node_entries(graph: gs.Graph) -> list[_Entry]:
@@ -129,7 +119,7 @@ def node_entries(graph: gs.Graph) -> list[_Entry]:
     entries: list[_Entry] = []
     append = entries.append
     verify = contracts_checked()
-    for node in graph.nodes:  # `_walk_nodes`' loop
+    for node in graph.nodes:  # the hot loop: a clean node costs two lookups and its attributes' ids
         fields = node.__dict__
         entry = fields.get(_PIECE)
         attrs = fields["attrs"]

@@ -12,16 +12,14 @@ produce graph outputs they stay (one value cannot have two names without an Iden
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from passes.core import ir
-from passes.core._gs_compat import RAW_DTYPES
+from passes.core._gs_compat import raw_layout
 from passes.infra._pass import Pass, PassResult
 
 #: constants up to this size are keyed by their bytes (larger ones by a hash of a sample, then compared)
@@ -130,15 +128,8 @@ def _raw_key(tensor: gs.Constant) -> tuple[str, tuple[int, ...], bytes] | None:
     stored = tensor._values
     if type(stored) is not LazyValues:
         return None
-    proto = stored.tensor
-    dtype = RAW_DTYPES.get(proto.data_type)
-    raw = proto.raw_data
-    if dtype is None or not raw or len(raw) > EXACT_KEY_BYTES or proto.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    shape = tuple(proto.dims)
-    if len(raw) != math.prod(shape) * dtype.itemsize:
-        return None
-    return dtype.str, shape, raw
+    layout = raw_layout(stored.tensor, EXACT_KEY_BYTES)
+    return None if layout is None else (layout[0].str, layout[1], layout[2])
 
 
 def _peek(tensor: gs.Constant) -> np.ndarray:

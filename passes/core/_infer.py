@@ -28,8 +28,10 @@ from passes.core._walk import has_subgraph, tensor_map
 
 logger = logging.getLogger(__name__)
 
-#: integer ops whose values shape inference's data propagation computes (and so a region takes along)
+#: the nodes that end a region's walk back through integer values: they read types, not values
 _SHAPE_SOURCES = ("Shape", "Size")
+#: waves of regional inference before the whole graph is inferred instead
+_MAX_WAVES = 64
 
 
 def refresh_shapes(graph: gs.Graph, changed: Iterable[gs.Tensor] | None = None) -> int:
@@ -60,7 +62,9 @@ def _refresh_around(graph: gs.Graph, changed: Iterable[gs.Tensor]) -> int | None
     limit = max(len(nodes) // 3, 1)
     seeds = _with_value_readers({id(n): n for tensor in changed for n in tensor.outputs})
     total = 0
-    while seeds:
+    for _ in range(_MAX_WAVES):
+        if not seeds:
+            return total
         if any(id(n) not in order for n in seeds.values()):
             return None  # a reader inside a subgraph
         region = _with_shape_sources(seeds)
@@ -71,7 +75,7 @@ def _refresh_around(graph: gs.Graph, changed: Iterable[gs.Tensor]) -> int | None
         news: list[gs.Tensor] = []
         total += infer_into(graph, _region_skeleton(graph, ordered, outputs), outputs, news)
         seeds = _with_value_readers({id(n): n for tensor in news for n in tensor.outputs})
-    return total
+    return None  # types still changing after _MAX_WAVES waves (each only adds knowledge): the whole graph
 
 
 def _with_value_readers(seeds: dict[int, gs.Node]) -> dict[int, gs.Node]:
@@ -119,7 +123,7 @@ def _region_skeleton(graph: gs.Graph, nodes: list[gs.Node], outputs: dict[str, g
     """A skeleton of `nodes` alone: what they read from elsewhere becomes typed inputs (constants as in
     any skeleton)."""
     cache = _protos(graph)
-    pieces = [b""]
+    pieces = [onnx.GraphProto(name=graph.name or "graph").SerializeToString()]
     boundary: dict[str, gs.Tensor] = {}
     verify = contracts_checked()
     for node in nodes:
@@ -133,7 +137,6 @@ def _region_skeleton(graph: gs.Graph, nodes: list[gs.Node], outputs: dict[str, g
             pieces.append(_constant_piece(tensor, cache))
         else:
             pieces.append(_field(_INPUT, OnnxExporter.export_value_info_proto(tensor, False).SerializeToString()))
-    pieces[0] = onnx.GraphProto(name=graph.name or "graph").SerializeToString()
     return _empty_header(graph) + _field(_GRAPH, b"".join(pieces))
 
 

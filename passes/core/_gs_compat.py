@@ -48,12 +48,11 @@ from passes.core._validate import tensor_nbytes
 from passes.core._walk import has_subgraph, tensor_map
 
 _PATCHED = "_passes_compat"
-#: graphsurgeon's own `import_node` and `import_tensor`, replaced by faster twins (kept for the test that
+#: graphsurgeon's own `import_node`, `import_tensor` and `import_attributes`, replaced by faster twins (kept for the test that
 #: holds them equal)
 STOCK_IMPORT_NODE: Any = None
 STOCK_IMPORT_TENSOR: Any = None
 STOCK_IMPORT_ATTRIBUTES: Any = None
-_TYPE_ATTRIBUTES = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
 
 
 def export_onnx(graph: gs.Graph) -> onnx.ModelProto:

@@ -337,7 +337,7 @@ class _Runner:
         for a pass `blind_to_dead_code`, dead-code removal since does not count. This ends a fixpoint
         round early and spares most of a fixpoint's last, all-quiet round."""
         last = self.last_run.get(id(pass_))
-        if last is None or not (not last[2] or pass_.idempotent):
+        if last is None or (last[2] and not pass_.idempotent):
             return False
         if dead_code_blind and pass_.blind_to_dead_code:
             return last[1] == self.live_version

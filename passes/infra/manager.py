@@ -261,7 +261,7 @@ class PassManager:
             if collecting:
                 gc.enable()
         if heavy:
-            gc.collect()  # the run's graph held the input's weights (and replaced ones) in cycles
+            gc.collect()  # the run's graph held weights it loaded or made (in cycles), a heap's worth past HEAVY_BYTES
         return result
 
     def _run(self, model: onnx.ModelProto, weights: Mapping[str, Any] | None = None,
@@ -277,8 +277,10 @@ class PassManager:
         for instrument in instruments:
             instrument.before_pipeline(model, report)
         heavy = sum(ir.constant_nbytes(t) for t in ir.tensor_map(graph).values() if type(t) is gs.Constant) > HEAVY_BYTES
-        _Runner(graph, report, instruments, self._full_contracts(), ops=histogram, heavy=heavy).run_elements(
-            pipeline.elements, None)
+        start_resident = _resident_bytes() if heavy else None
+        _Runner(graph, report, instruments, self._full_contracts(), ops=histogram, heavy=heavy,
+                resident=start_resident).run_elements(pipeline.elements, None)
+        grown = heavy and _grew(start_resident)  # before the export, whose model is no garbage
         values = None
         if hollow:
             result, values = ir.hollow_export(graph)
@@ -289,7 +291,25 @@ class PassManager:
         for instrument in instruments:
             instrument.after_pipeline(result, report)
         report.wall_s = time.perf_counter() - start
-        return RunResult(result, report, values), heavy
+        return RunResult(result, report, values), grown
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _grew(since: int | None) -> bool:
+    """Whether the process grew by HEAVY_BYTES since `since` (True when memory cannot be read)."""
+    now = _resident_bytes()
+    return since is None or now is None or now - since >= HEAVY_BYTES
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 @dataclass
@@ -307,8 +327,10 @@ class _Runner:
     version: int = 0
     live_version: int = 0
     last_run: dict[int, tuple[int, int, bool]] = field(default_factory=dict)
-    #: weights past HEAVY_BYTES: collect the cycles a modifying pass leaves (gc is off during runs)
+    #: weights past HEAVY_BYTES: collect the cycles a modifying pass leaves (gc is off during runs), each
+    #: time the resident memory grew by HEAVY_BYTES since `resident` (None where it cannot be read: always)
     heavy: bool = False
+    resident: int | None = None
 
     def run_elements(self, elements: Sequence[PipelineElement], round_: int | None) -> bool:
         modified = False
@@ -378,8 +400,11 @@ class _Runner:
             refusals=[r.to_dict() for r in result.refusals],
         )
         self.report.passes.append(record)
-        if result.modified and self.heavy:
-            gc.collect()  # weights a pass replaced sit in node <-> tensor cycles; a 4 GB model cannot wait for the end
+        if result.modified and self.heavy and _grew(self.resident):
+            # weights a pass replaced sit in node <-> tensor cycles; a 4 GB model cannot wait for the end. A
+            # collection costs ~70 ms on a 600 MB model, so it runs once the process grew by HEAVY_BYTES
+            gc.collect()
+            self.resident = _resident_bytes()
         self.ops = record.ops_after
         self.version += result.modified
         self.live_version += result.modified and not pass_.only_removes_dead_nodes

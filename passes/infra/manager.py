@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from passes.core import ir
+from passes.infra import _memory
 from passes.infra._pass import Pass
 from passes.core.errors import FixpointError, ModelSaveError, PassesError, PassFailedError, VerificationError
 from passes.core.io import save_model
@@ -30,8 +31,7 @@ from passes.numerics.verify import DEFAULT_ATOL, DEFAULT_RTOL, Comparison, compa
 
 logger = logging.getLogger(__name__)
 
-
-#: a graph whose constants pass this is collected after every modifying pass (see `_Runner.heavy`)
+#: a graph whose constants pass this is collected after a modifying pass once the process grew by as much
 HEAVY_BYTES = 256 * 2**20
 
 
@@ -250,9 +250,8 @@ class PassManager:
         `passes.numerics.verify.split_weights`): the graph uses those arrays, uncopied. With `hollow` the
         result is a hollow model too, and `RunResult.weights` its values: the graph's own arrays, so a
         large model's weights are never copied into protobuf messages."""
-        # graphsurgeon graphs are dense with reference cycles (tensor <-> node); the cyclic collector
-        # rescans them over and over while passes allocate, costing ~30 % on 7,000-node graphs.
-        # Nothing here creates garbage cycles that must be reclaimed before the run ends.
+        # graphsurgeon graphs are dense with reference cycles (tensor <-> node); the cyclic collector rescans
+        # them over and over while passes allocate, costing ~30 % on 7,000-node graphs (see `_Runner.heavy`)
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -277,10 +276,10 @@ class PassManager:
         for instrument in instruments:
             instrument.before_pipeline(model, report)
         heavy = sum(ir.constant_nbytes(t) for t in ir.tensor_map(graph).values() if type(t) is gs.Constant) > HEAVY_BYTES
-        start_resident = _resident_bytes() if heavy else None
+        start_resident = _memory.resident_bytes() if heavy else None
         _Runner(graph, report, instruments, self._full_contracts(), ops=histogram, heavy=heavy,
                 resident=start_resident).run_elements(pipeline.elements, None)
-        grown = heavy and _grew(start_resident)  # before the export, whose model is no garbage
+        grown = heavy and _memory.grew(start_resident, HEAVY_BYTES)  # before the export, whose model is no garbage
         values = None
         if hollow:
             result, values = ir.hollow_export(graph)
@@ -294,24 +293,6 @@ class PassManager:
         return RunResult(result, report, values), grown
 
 
-def _resident_bytes() -> int | None:
-    """This process's resident memory (Linux), None where it cannot be read."""
-    try:
-        with open("/proc/self/statm", "rb") as handle:
-            return int(handle.read().split()[1]) * _PAGE_BYTES
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _grew(since: int | None) -> bool:
-    """Whether the process grew by HEAVY_BYTES since `since` (True when memory cannot be read)."""
-    now = _resident_bytes()
-    return since is None or now is None or now - since >= HEAVY_BYTES
-
-
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
 @dataclass
 class _Runner:
     graph: gs.Graph
@@ -321,9 +302,8 @@ class _Runner:
     #: the graph's fingerprint and op histogram, carried across passes that change nothing
     fingerprint: int | None = None
     ops: dict[str, int] | None = None
-    #: how many applications changed the graph so far (all of them, and those that did more than remove
-    #: dead nodes), and for each pass instance (by id) those counts after its last application and
-    #: whether that application changed the graph
+    #: how many applications changed the graph (all; those that did more than remove dead nodes), and per
+    #: pass instance (by id) both counts after its last application and whether that changed the graph
     version: int = 0
     live_version: int = 0
     last_run: dict[int, tuple[int, int, bool]] = field(default_factory=dict)
@@ -400,11 +380,9 @@ class _Runner:
             refusals=[r.to_dict() for r in result.refusals],
         )
         self.report.passes.append(record)
-        if result.modified and self.heavy and _grew(self.resident):
-            # weights a pass replaced sit in node <-> tensor cycles; a 4 GB model cannot wait for the end. A
-            # collection costs ~70 ms on a 600 MB model, so it runs once the process grew by HEAVY_BYTES
-            gc.collect()
-            self.resident = _resident_bytes()
+        if result.modified and self.heavy and _memory.grew(self.resident, HEAVY_BYTES):
+            gc.collect()  # replaced weights sit in node <-> tensor cycles; each collection ~70 ms on 600 MB
+            self.resident = _memory.resident_bytes()
         self.ops = record.ops_after
         self.version += result.modified
         self.live_version += result.modified and not pass_.only_removes_dead_nodes
@@ -418,6 +396,5 @@ class _Runner:
         """Contract mode: run a pass skipped as `blind_to_dead_code` anyway; it must change nothing."""
         result, self.fingerprint = pass_.run_checked(self.graph, check_contract=True, fingerprint=self.fingerprint)
         if result.modified:
-            raise PassFailedError(
-                f"pass {pass_.name!r} is declared blind_to_dead_code but changed the graph after dead-code removal"
-            )
+            raise PassFailedError(f"pass {pass_.name!r} is declared blind_to_dead_code but changed the graph "
+                                  "after dead-code removal")

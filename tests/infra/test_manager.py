@@ -267,18 +267,18 @@ def test_numeric_check_runs_models_over_the_protobuf_limit(monkeypatch: pytest.M
 def test_a_heavy_run_collects_garbage_once_memory_grew_by_heavy_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     # the 16-byte weight is "heavy" past a 10-byte threshold; memory reads 6 bytes more each time: a
     # collection runs after every second modifying pass, not after each (70 ms each on a 600 MB model)
-    from passes.infra import manager
+    from passes.infra import _memory, manager
 
     readings = iter(range(0, 10_000, 6))
     collections: list[int] = []
     monkeypatch.setattr(manager, "HEAVY_BYTES", 10)
-    monkeypatch.setattr(manager, "_resident_bytes", lambda: next(readings))
+    monkeypatch.setattr(_memory, "resident_bytes", lambda: next(readings))
     monkeypatch.setattr(manager.gc, "collect", lambda *a: collections.append(1) or 0)
     result = PassManager([_Toggle(), _Toggle(), _Toggle(), _Toggle()], check=False).run(_relu_model())
     assert [r.modified for r in result.report.passes] == [True] * 4
     assert len(collections) == 3  # after passes 2 and 4, and once after the run (it grew since its start)
     # memory that cannot be read: every modifying pass collects, and the run once more
     collections.clear()
-    monkeypatch.setattr(manager, "_resident_bytes", lambda: None)
+    monkeypatch.setattr(_memory, "resident_bytes", lambda: None)
     PassManager([_Toggle(), _Toggle()], check=False).run(_relu_model())
     assert len(collections) == 3

@@ -38,7 +38,7 @@ def remember_import(graph: gs.Graph, skeleton: bytes) -> None:
 
 def check_graph(graph: gs.Graph) -> None:
     """Run the ONNX checker on the graph (see the module doc); raises `onnx.checker.ValidationError`."""
-    entries = node_entries(graph)
+    entries = node_entries(graph.nodes)
     key = _context_key(graph)
     checked = graph.__dict__.get(_CHECKED)
     imported = graph.__dict__.pop(_IMPORTED, None)

@@ -18,12 +18,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from passes.core._skeleton import (
-    _GRAPH, _INPUT, _PIECE, _constant_piece, _empty_header, _field, _node_entry, _protos, contracts_checked,
-    graph_skeleton,
-)
+from passes.core._skeleton import contracts_checked, graph_skeleton, region_skeleton
 from passes.core._walk import has_subgraph, tensor_map
 
 logger = logging.getLogger(__name__)
@@ -73,7 +69,7 @@ def _refresh_around(graph: gs.Graph, changed: Iterable[gs.Tensor]) -> int | None
         ordered = sorted(region.values(), key=lambda n: order[id(n)])
         outputs = {t.name: t for n in ordered for t in n.outputs if t.name}
         news: list[gs.Tensor] = []
-        total += infer_into(graph, _region_skeleton(graph, ordered, outputs), outputs, news)
+        total += infer_into(graph, region_skeleton(graph, ordered, outputs), outputs, news)
         seeds = _with_value_readers({id(n): n for tensor in news for n in tensor.outputs})
     return None  # types still changing after _MAX_WAVES waves (each only adds knowledge): the whole graph
 
@@ -117,27 +113,6 @@ def _shape_like(tensor: gs.Tensor) -> bool:
     if shape is not None and len(shape) > 1:
         return False
     return dtype is None or isinstance(dtype, int) or np.dtype(dtype).kind in "iu"
-
-
-def _region_skeleton(graph: gs.Graph, nodes: list[gs.Node], outputs: dict[str, gs.Tensor]) -> bytes:
-    """A skeleton of `nodes` alone: what they read from elsewhere becomes typed inputs (constants as in
-    any skeleton)."""
-    cache = _protos(graph)
-    pieces = [onnx.GraphProto(name=graph.name or "graph").SerializeToString()]
-    boundary: dict[str, gs.Tensor] = {}
-    verify = contracts_checked()
-    for node in nodes:
-        entry = node.__dict__.get(_PIECE)
-        pieces.append((entry or _node_entry(node, verify))[0])
-        for tensor in node.inputs:
-            if tensor.name and tensor.name not in outputs:
-                boundary[tensor.name] = tensor
-    for tensor in boundary.values():
-        if type(tensor) is gs.Constant:
-            pieces.append(_constant_piece(tensor, cache))
-        else:
-            pieces.append(_field(_INPUT, OnnxExporter.export_value_info_proto(tensor, False).SerializeToString()))
-    return _empty_header(graph) + _field(_GRAPH, b"".join(pieces))
 
 
 def infer_into(graph: gs.Graph, skeleton: bytes, tensors: dict[str, gs.Tensor] | None = None,

@@ -106,7 +106,7 @@ def node_pieces(graph: gs.Graph) -> bytes:
 
 def _walk_nodes(graph: gs.Graph, constants: dict[str, gs.Constant] | None) -> list[bytes]:
     """Each node's piece, in order; the constants the nodes read are gathered into `constants`."""
-    entries = node_entries(graph)
+    entries = node_entries(graph.nodes)
     if constants is not None:
         for entry in entries:
             for tensor in entry[1]:
@@ -114,12 +114,12 @@ def _walk_nodes(graph: gs.Graph, constants: dict[str, gs.Constant] | None) -> li
     return [entry[0] for entry in entries]
 
 
-def node_entries(graph: gs.Graph) -> list[_Entry]:
+def node_entries(nodes: Iterable[gs.Node]) -> list[_Entry]:
     """Each node's cache entry (piece first), in order, re-encoding the nodes that changed."""
     entries: list[_Entry] = []
     append = entries.append
     verify = contracts_checked()
-    for node in graph.nodes:  # the hot loop: a clean node costs two lookups and its attributes' ids
+    for node in nodes:  # the hot loop: a clean node costs two lookups and its attributes' ids
         fields = node.__dict__
         entry = fields.get(_PIECE)
         attrs = fields["attrs"]
@@ -129,6 +129,25 @@ def node_entries(graph: gs.Graph) -> list[_Entry]:
             _verify_clean(node, entry)
         append(entry)
     return entries
+
+
+def region_skeleton(graph: gs.Graph, nodes: list[gs.Node], outputs: dict[str, gs.Tensor]) -> bytes:
+    """A skeleton of `nodes` alone (in order; `outputs`: the tensors they make, by name): what they read
+    from elsewhere becomes typed inputs, constants as in any skeleton."""
+    cache = _protos(graph)
+    pieces = [onnx.GraphProto(name=graph.name or "graph").SerializeToString()]
+    boundary: dict[str, gs.Tensor] = {}
+    for node, entry in zip(nodes, node_entries(nodes)):
+        pieces.append(entry[0])
+        for tensor in node.inputs:
+            if tensor.name and tensor.name not in outputs:
+                boundary[tensor.name] = tensor
+    for tensor in boundary.values():
+        if type(tensor) is gs.Constant:
+            pieces.append(_constant_piece(tensor, cache))
+        else:
+            pieces.append(_field(_INPUT, OnnxExporter.export_value_info_proto(tensor, False).SerializeToString()))
+    return _empty_header(graph) + _field(_GRAPH, b"".join(pieces))
 
 
 def value_info_pieces(graph: gs.Graph, tensors: Iterable[gs.Variable]) -> bytes:
@@ -199,6 +218,11 @@ def _protos(graph: gs.Graph) -> _Cache:
 def touch(item: object) -> None:
     """Forget the cached piece of a node that is about to change (anything else: nothing to forget)."""
     item.__dict__.pop(_PIECE, None)
+
+
+def cached_entry(node: gs.Node) -> _Entry | None:
+    """The node's cache entry as it stands (None once `touch` took it)."""
+    return node.__dict__.get(_PIECE)
 
 
 def keep_piece(node: gs.Node, entry: _Entry) -> None:

@@ -19,7 +19,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from passes.core import _gs_compat
 from passes.core._validate import densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
-    _PIECE, INLINE_BYTES, contracts_checked, graph_skeleton, import_skeleton, keep_piece, model_skeleton, touch,
+    INLINE_BYTES, cached_entry, contracts_checked, graph_skeleton, import_skeleton, keep_piece, model_skeleton, touch,
 )
 from passes.core._check import check_graph, remember_import  # noqa: F401 (ditto)
 from passes.core._walk import has_subgraph, tensor_map  # noqa: F401 (ditto)
@@ -231,11 +231,15 @@ def remove_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> None:
 
 
 def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
-    """node.inputs[index] = tensor, keeping both tensors' consumer lists exact (by identity)."""
+    """node.inputs[index] = tensor, keeping both tensors' consumer lists exact (by identity). The node's
+    encoded piece names its inputs: a tensor of the same name (a folded output's constant) keeps it."""
+    kept = cached_entry(node) if node.inputs[index].name == tensor.name else None
     touch(node)
     _remove_by_identity(node.inputs[index].outputs, node)
     list.__setitem__(node.inputs, index, tensor)
     list.append(tensor.outputs, node)
+    if kept is not None:
+        keep_piece(node, kept)
 
 
 def set_output(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
@@ -265,16 +269,11 @@ def _remove_by_identity(items: list[object], item: object) -> None:
 
 
 def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Point every consumer of `old` at `new` (graph outputs are not consumers: see `graph_outputs`). A
-    consumer's encoded piece names its inputs: when `new` has `old`'s name (a folded output's constant) it holds."""
-    same_name = old.name == new.name
+    """Point every consumer of `old` at `new` (graph outputs are not consumers: see `graph_outputs`)."""
     for consumer in list(old.outputs):
-        piece = consumer.__dict__.get(_PIECE) if same_name else None
         for index, tensor in enumerate(consumer.inputs):
             if tensor is old:
                 set_input(consumer, index, new)
-        if piece is not None:
-            keep_piece(consumer, piece)
 
 
 def graph_output_ids(graph: gs.Graph) -> set[int]:

@@ -101,6 +101,8 @@ def _models(layers: list[int], real: bool) -> list[tuple[str, onnx.ModelProto]]:
 
 
 def run(layers: list[int], repeat: int, real: bool = False) -> dict[str, object]:
+    from int8_gemm import _cpu  # this CPU's model name and int8 flags, as the other benches record them
+
     warm_up = build_sample("tiny-llama", layers=1)
     for fn in TOOLS.values():  # imports and first-call set-up are not what we compare
         fn(warm_up)
@@ -111,22 +113,10 @@ def run(layers: list[int], repeat: int, real: bool = False) -> dict[str, object]
         rows.append({"model": label, "nodes": len(model.graph.node), "nodes_after": nodes_after, "seconds": times})
     return {
         "bench": "pipeline_speed",
-        "machine": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": _cpu(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "repeat": repeat,
         "rows": rows,
     }
-
-
-def _cpu_model() -> str:
-    """This CPU's model name (/proc/cpuinfo where it exists): the tools' ratios depend on it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render(result: dict[str, object]) -> None:
@@ -136,7 +126,7 @@ def render(result: dict[str, object]) -> None:
     machine = result["machine"]
     assert isinstance(machine, dict)
     table = Table(
-        title=f"canonicalize vs peers on {machine['cpu']}, seconds, best of {result['repeat']} "
+        title=f"canonicalize vs peers on {machine['cpu']['model']}, seconds, best of {result['repeat']} "
         "(ours -chk: without the per-pass checker; ORT: onnxruntime offline optimizer)"
     )
     table.add_column("model")

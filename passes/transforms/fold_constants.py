@@ -217,7 +217,7 @@ def _lift_constant_node(node: gs.Node, outputs: set[int]) -> bool:
     out = node.outputs[0]
     if id(out) in outputs:
         return False
-    value = node.attrs.get("value") if ir.is_default_domain(node) else None
+    value = node.attrs.get("value")  # (the sweep hands over default-domain Constant nodes only)
     if not isinstance(value, gs.Constant):  # sparse_value, value_ints and kin, an attribute reference: leave it
         return False
     # the attribute's values as they are, unloaded (the initializer is the attribute's TensorProto renamed)

@@ -19,21 +19,20 @@ from onnx.onnx_cpp2py_export import checker as c_checker
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from passes.core._opsets import DEFAULT_DOMAINS
-from passes.core._skeleton import _PIECE, contracts_checked, graph_skeleton, node_entries
+from passes.core._skeleton import IMPORTED_PIECES, contracts_checked, graph_skeleton, node_entries
 from passes.core._walk import has_subgraph
 
 #: per graph: (the context checked against, id -> every node piece the last check passed; holding them
-#: keeps the ids unique); and the import's skeleton, context and seeded pieces until the first check
+#: keeps the ids unique); and the import's skeleton and context until the first check
 _CHECKED = "_passes_checked_pieces"
 _IMPORTED = "_passes_imported_skeleton"
 
 
 def remember_import(graph: gs.Graph, skeleton: bytes) -> None:
-    """Keep the skeleton `import_graph` made, and the node pieces it seeded: the first check of the graph
-    checks that skeleton (the imported nodes, already encoded) and the nodes changed since, instead of
-    encoding every constant of the graph for a whole-model check."""
-    seeded = {id(e[0]): e[0] for node in graph.nodes if (e := node.__dict__.get(_PIECE)) is not None}
-    graph.__dict__[_IMPORTED] = (skeleton, _context_key(graph), seeded)
+    """Keep the skeleton `import_graph` made: the first check of the graph checks that skeleton (the imported
+    nodes, already encoded: `IMPORTED_PIECES`) and the nodes changed since, instead of encoding every
+    constant of the graph for a whole-model check."""
+    graph.__dict__[_IMPORTED] = (skeleton, _context_key(graph))
 
 
 def check_graph(graph: gs.Graph) -> None:
@@ -42,8 +41,9 @@ def check_graph(graph: gs.Graph) -> None:
     key = _context_key(graph)
     checked = graph.__dict__.get(_CHECKED)
     imported = graph.__dict__.pop(_IMPORTED, None)
+    seeded = graph.__dict__.pop(IMPORTED_PIECES, ())
     if checked is None and imported is not None and imported[1] == key and _valid(imported[0]):
-        checked = (key, imported[2])  # the imported nodes pass as they were imported
+        checked = (key, {id(piece): piece for piece in seeded})  # the imported nodes pass as they were imported
     if checked is None or checked[0] != key or not _check_changes(graph, entries, checked[1], key):
         onnx.checker.check_model(graph_skeleton(graph))
     elif contracts_checked():

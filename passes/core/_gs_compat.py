@@ -44,7 +44,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
 from passes.core._skeleton import node_pieces, touch, value_info_pieces
-from passes.core._validate import tensor_nbytes
+from passes.core._validate import RAW_DTYPES, tensor_nbytes
 from passes.core._walk import has_subgraph, tensor_map
 
 _PATCHED = "_passes_compat"
@@ -91,10 +91,6 @@ def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-#: ONNX element types whose raw_data are the numpy array's bytes (little-endian, as ONNX stores them)
-RAW_DTYPES: dict[int, np.dtype] = {onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t)): np.dtype(t) for t in (
-    np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
-    np.uint64, np.bool_)} if np.little_endian else {}
 #: the most bytes `small_raw_values` reads
 SMALL_RAW_BYTES = 4096
 

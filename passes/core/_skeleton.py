@@ -32,7 +32,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from passes.core._opsets import DEFAULT_DOMAINS
-from passes.core._validate import proto_size, tensor_nbytes
+from passes.core._validate import RAW_DTYPES, proto_size, tensor_nbytes
 from passes.core._walk import has_subgraph
 
 #: constants larger than this are handed to inference and the checker as typed inputs, without their bytes.
@@ -43,13 +43,14 @@ INLINE_BYTES = 4 * 1024
 
 _CACHE = "_passes_protos"
 #: numpy types whose raw bytes are the ONNX raw_data as they are (the exporter's general path is 5x slower)
-_PLAIN = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int8, np.int16, np.int32,
-                                        np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_))
+_PLAIN = frozenset(RAW_DTYPES.values())
 #: a node's cached piece, kept in the node's __dict__ under `_PIECE` until `touch` drops it: the serialized
 #: piece, the constants the node reads, the ids of its attribute names and values, those objects (held so that no
 #: id can be reused while the entry lives) and, when contracts are checked, its full key
 _Entry = tuple[bytes, tuple[gs.Constant, ...], list[int], list[object], "tuple[object, ...] | None"]
 _PIECE = "_passes_piece"
+#: per imported graph: its nodes' pieces as the import encoded them (the seeded entries hold the same bytes)
+IMPORTED_PIECES = "_passes_imported_pieces"
 #: per graph: constant id -> (constant, values object, name, piece); variable id ->
 #: (variable, name, dtype, shape, type, value_info piece)
 _Cache = tuple[dict[int, tuple[object, ...]], dict[int, tuple[object, ...]]]
@@ -187,6 +188,8 @@ def _model_skeleton(model: onnx.ModelProto, graph: gs.Graph | None) -> bytes:
         node = nodes[index] if nodes is not None else None
         if node is not None and node.op == proto.op_type and not has_subgraph(node):
             node.__dict__[_PIECE] = _new_entry(node, piece, verify)
+    if graph is not None:  # the nodes as imported, for the graph's first check (`passes.core._check`)
+        graph.__dict__[IMPORTED_PIECES] = pieces[1:]
     for number, values in ((_INPUT, source.input), (_OUTPUT, source.output), (_VALUE_INFO, source.value_info)):
         pieces.extend(_field(number, value.SerializeToString()) for value in values)
     for init in source.initializer:

@@ -173,6 +173,12 @@ def element_count(tensor: TensorProto, where: str) -> int:
     return count
 
 
+#: ONNX element types whose raw_data are the numpy array's bytes (little-endian, as ONNX stores them)
+RAW_DTYPES: dict[int, np.dtype] = {helper.np_dtype_to_tensor_dtype(np.dtype(t)): np.dtype(t) for t in (
+    np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+    np.uint64, np.bool_)} if np.little_endian else {}
+
+
 def tensor_nbytes(tensor: TensorProto, where: str = "tensor") -> int:
     """Bytes the tensor's data takes by its type and dims (4-bit types packed two to a byte)."""
     return (element_count(tensor, where) * element_bits(tensor.data_type) + 7) // 8

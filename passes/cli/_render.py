@@ -41,6 +41,10 @@ def pipeline_report(report: PipelineReport, output: Path, *, explain: bool = Fal
                             ("nodes", "right"), ("changes", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     idle = 0
+    lifted = report.constants_lifted_at_import
+    if lifted:  # fold-constants' lifting, done while the model was imported
+        table.add_row("", "import", "", "", f"{report.nodes_before} -> {report.nodes_before - lifted}",
+                      f"constant_nodes_lifted={lifted}")
     for record in report.passes:
         if not record.modified:
             idle += 1

@@ -43,6 +43,7 @@ from onnx_graphsurgeon.importers import onnx_importer
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
+from passes.core._lift import LIFTING
 from passes.core._skeleton import node_pieces, touch, value_info_pieces
 from passes.core._validate import RAW_DTYPES, tensor_nbytes
 from passes.core._walk import has_subgraph, tensor_map
@@ -187,12 +188,14 @@ def install() -> None:
 
     def export_tensor_proto(tensor: gs.Constant) -> onnx.TensorProto:
         # graphsurgeon names an unloaded constant's TensorProto in place: that proto is the input model's
-        # (an initializer, a lifted Constant node's value), which is never to be written
+        # (an initializer, a Constant node's value), which is never to be written, not even with the name
+        # it has (a Constant node's unnamed value would gain an empty name field)
         values = tensor._values
-        if isinstance(values, LazyValues) and values.tensor.name != tensor.name:
+        if isinstance(values, LazyValues) and (values.tensor.name != tensor.name or not values.tensor.HasField("name")):
             renamed = onnx.TensorProto()
             renamed.CopyFrom(values.tensor)
-            renamed.name = tensor.name
+            if tensor.name:
+                renamed.name = tensor.name
             return renamed
         return stock_tensor_proto(tensor)
 
@@ -359,6 +362,9 @@ def _variable(name: str) -> gs.Variable:
 def _import_node(onnx_node: onnx.NodeProto, tensor_map: Any, subgraph_tensor_map: Any, opset: Any,
                  import_domains: Any) -> gs.Node:
     """graphsurgeon's `OnnxImporter.import_node`, with the Node and new Variables built field by field."""
+    lifting = LIFTING.get()
+    if lifting is not None and lifting.take(onnx_node, subgraph_tensor_map):
+        return lifting.PLACEHOLDER
 
     def get_tensor(name: str, check_outer_graph: bool = True) -> gs.Tensor:
         tensor = subgraph_tensor_map.get(name)

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from passes.core._lift import take_lifted
 from passes.core._opsets import DEFAULT_DOMAINS
 from passes.core._validate import RAW_DTYPES, proto_size, tensor_nbytes
 from passes.core._walk import has_subgraph
@@ -180,12 +181,17 @@ def _model_skeleton(model: onnx.ModelProto, graph: gs.Graph | None) -> bytes:
     header = _empty_like(model.ir_version, model.opset_import, model.functions, "")
     source = model.graph
     pieces = [onnx.GraphProto(name=source.name).SerializeToString()]
-    nodes = graph.nodes if graph is not None and len(graph.nodes) == len(source.node) else None
+    lifted = take_lifted(graph) if graph is not None else {}  # Constant nodes imported as constants
+    nodes = graph.nodes if graph is not None and len(graph.nodes) + len(lifted) == len(source.node) else None
     verify = contracts_checked()
+    position = 0
     for index, proto in enumerate(source.node):
+        if lifted and index in lifted:
+            continue
         piece = _field(_NODE, proto.SerializeToString())
         pieces.append(piece)
-        node = nodes[index] if nodes is not None else None
+        node = nodes[position] if nodes is not None else None
+        position += 1
         if node is not None and node.op == proto.op_type and not has_subgraph(node):
             node.__dict__[_PIECE] = _new_entry(node, piece, verify)
     if graph is not None:  # the nodes as imported, for the graph's first check (`passes.core._check`)
@@ -198,6 +204,9 @@ def _model_skeleton(model: onnx.ModelProto, graph: gs.Graph | None) -> bytes:
             pieces.append(_field(_INPUT, info.SerializeToString()))
         else:
             pieces.append(_field(_INITIALIZER, init.SerializeToString()))
+    if lifted:
+        cache = _protos(graph)  # type: ignore[arg-type]
+        pieces.extend(_constant_piece(constant, cache) for constant in lifted.values())
     return header.SerializeToString() + _field(_GRAPH, b"".join(pieces))
 
 

@@ -16,7 +16,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from passes.core import _gs_compat
+from passes.core import _gs_compat, _lift
+from passes.core._lift import lifted_count  # noqa: F401 (part of ir's surface)
 from passes.core._validate import densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
     INLINE_BYTES, cached_entry, contracts_checked, graph_skeleton, import_skeleton, keep_piece, model_skeleton, touch,
@@ -39,21 +40,27 @@ Variable = gs.Variable
 
 
 def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True,
-                 weights: Mapping[str, np.ndarray] | None = None) -> gs.Graph:
+                 weights: Mapping[str, np.ndarray] | None = None, lift_constants: bool = False) -> gs.Graph:
     """Convert a model to a graphsurgeon graph and annotate it with ONNX shape inference.
 
     Inference runs on a copy of the model without its large weights, so it costs the same for a
     100 KB and a 10 GB model and never hits protobuf's 2 GB limit. The model is not modified.
     Sparse initializers become the dense constants they stand for (as `load_model` makes them).
     `weights` gives the values of hollow initializers (`hollow_export`) by name; the graph holds those
-    arrays themselves.
+    arrays themselves. `lift_constants` imports the main graph's Constant nodes as the initializers
+    fold-constants would make of them (`passes.core._lift`; `lifted_count` says how many).
     """
     if model.graph.sparse_initializer:
         dense = onnx.ModelProto()
         dense.CopyFrom(model)
         densify_sparse_initializers(dense, label=f"model '{model.graph.name}'")
         model = dense
-    graph = gs.import_onnx(model)
+    if lift_constants:
+        with _lift.lifting_import(model) as lifting:
+            graph = gs.import_onnx(model)
+        _lift.drop_placeholders(graph, lifting)
+    else:
+        graph = gs.import_onnx(model)
     if weights:
         for tensor in tensor_map(graph).values():
             if type(tensor) is gs.Constant and tensor.name in weights:

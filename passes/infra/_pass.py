@@ -79,6 +79,9 @@ class Pass(abc.ABC):
     #: compute, not from who reads them (a fixpoint round then ends without rerunning it after dead-code
     #: removal; with contracts checked the manager reruns it anyway and fails if it changes anything)
     blind_to_dead_code: ClassVar[bool] = False
+    #: the pass turns Constant nodes into initializers before anything else (`passes.core._lift`'s rule): a
+    #: pipeline that runs it imports the model with them lifted, and the pass finds none left to lift
+    lifts_constant_nodes: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,8 +22,9 @@ import onnx_graphsurgeon as gs
 
 from passes.core import ir
 from passes.infra import _memory
+from passes.infra._dump import check_dump_folder  # noqa: F401 (part of the manager's surface)
 from passes.infra._pass import Pass
-from passes.core.errors import FixpointError, ModelSaveError, PassesError, PassFailedError, VerificationError
+from passes.core.errors import FixpointError, PassesError, PassFailedError, VerificationError
 from passes.core.io import save_model
 from passes.infra.pipeline import Fixpoint, Pipeline, PipelineElement, as_pipeline, with_input_shapes
 from passes.numerics.verify import DEFAULT_ATOL, DEFAULT_RTOL, Comparison, compare_outputs, random_feeds, run_model
@@ -69,6 +69,8 @@ class PipelineReport:
     #: applications left out because the pass had already run on the graph as it stands (see `_Runner`)
     skipped: int = 0
     verification: dict[str, Any] | None = None
+    #: Constant nodes the import turned into initializers, as the pipeline's fold-constants would have
+    constants_lifted_at_import: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,26 +174,6 @@ class NumericInstrument(Instrument):
         report.verification = self._last.to_dict()
 
 
-def check_dump_folder(folder: str | Path, *, source: str | Path | None = None,
-                      output: str | Path | None = None) -> Path:
-    """Raise `ModelSaveError` unless `folder` can take IR dumps (checked before any work; nothing is created).
-    `output`, the model the run writes, must not be the folder itself."""
-    folder = Path(folder)
-    try:
-        if output is not None and Path(output).resolve() == folder.resolve():
-            raise ModelSaveError(f"--dump-ir {folder}: the same path as the output model; choose another folder")
-        if folder.exists() and not folder.is_dir():
-            raise ModelSaveError(f"--dump-ir {folder}: exists and is not a folder")
-        if source is not None and folder.resolve() == Path(source).resolve().parent:
-            raise ModelSaveError(f"--dump-ir {folder}: the input model's own folder; choose an empty one")
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise ModelSaveError(f"--dump-ir {folder}: '{existing}' is not a writable folder")
-    except OSError as err:
-        raise ModelSaveError(f"--dump-ir {folder}: {err.strerror or err}") from err
-    return folder
-
-
 @dataclass
 class DumpIRInstrument(Instrument):
     """Writes the original and every intermediate graph as `NN-<pass>.onnx` into `folder`."""
@@ -270,9 +252,13 @@ class PassManager:
         pipeline = self.resolved_pipeline()
         instruments = self._instruments()
         start = time.perf_counter()
-        graph = ir.import_graph(model, weights=weights)
+        lift = any(pass_.lifts_constant_nodes for pass_ in pipeline.passes())
+        graph = ir.import_graph(model, weights=weights, lift_constants=lift)
         histogram = ir.op_histogram(graph)
-        report = PipelineReport(pipeline.spec(), len(graph.nodes), len(graph.nodes), histogram, histogram)
+        lifted = ir.lifted_count(graph)  # the input's nodes, as the report tells them, include those lifted
+        report = PipelineReport(pipeline.spec(), len(graph.nodes) + lifted, len(graph.nodes),
+                                {**histogram, "Constant": histogram.get("Constant", 0) + lifted} if lifted else histogram,
+                                histogram, constants_lifted_at_import=lifted)
         for instrument in instruments:
             instrument.before_pipeline(model, report)
         heavy = sum(ir.constant_nbytes(t) for t in ir.tensor_map(graph).values() if type(t) is gs.Constant) > HEAVY_BYTES

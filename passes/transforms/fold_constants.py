@@ -33,6 +33,7 @@ class FoldConstants(Pass):
 
     name = "fold-constants"
     blind_to_dead_code = True
+    lifts_constant_nodes = True
     max_bytes: int = field(
         default=2**20, metadata={"min": 0, "help": "largest folded output (bytes) unless no larger than its inputs"}
     )

@@ -66,7 +66,13 @@ def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
     """
     exporter = onnx_exporter.OnnxExporter
     tensors = tensor_map(graph)
-    out = onnx.GraphProto(name=graph.name or "", doc_string=graph.doc_string or "")
+    # the model first, then its graph filled in place: `make_model(graph)` copies the whole graph, weights too
+    model = onnx.helper.make_model(
+        onnx.GraphProto(), functions=[exporter.export_function(f) for f in graph.functions],
+        opset_imports=onnx_exporter.update_import_domains(graph),
+    )
+    out = model.graph
+    out.name, out.doc_string = graph.name or "", graph.doc_string or ""
     out.MergeFromString(node_pieces(graph))
     out.input.extend(exporter.export_value_info_proto(t, False) for t in graph.inputs)
     out.output.extend(exporter.export_value_info_proto(t, False) for t in graph.outputs)
@@ -81,10 +87,6 @@ def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
         elif tensor.name not in io_names and (tensor.dtype is not None or tensor.shape is not None):
             typed.append(tensor)
     out.MergeFromString(value_info_pieces(graph, typed))
-    model = onnx.helper.make_model(
-        out, functions=[exporter.export_function(f) for f in graph.functions],
-        opset_imports=onnx_exporter.update_import_domains(graph),
-    )
     model.producer_name = graph.producer_name or ""
     model.producer_version = graph.producer_version or ""
     if graph.ir_version is not None:

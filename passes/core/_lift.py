@@ -26,8 +26,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers import onnx_importer
 
 #: per graph made by a lifting import: node index in the model -> the constant that took the node's place
-#: (until the import's skeleton takes it), and how many nodes were lifted
-LIFTED, LIFTED_COUNT = "_passes_lifted", "_passes_lifted_count"
+#: (until the import's skeleton takes it), how many nodes were lifted and the bytes their values take
+LIFTED, LIFTED_COUNT, LIFTED_BYTES = "_passes_lifted", "_passes_lifted_count", "_passes_lifted_bytes"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 #: the lifting of the import under way in this thread, if any: graphsurgeon's node import
 #: (`passes.core._gs_compat._import_node`) asks it about every node
@@ -47,6 +47,7 @@ class Lifting:
         self.scope: dict[str, gs.Tensor] | None = None  # the main graph's tensors, by name
         self.index = -1
         self.lifted: dict[int, gs.Constant] = {}
+        self.nbytes = 0
 
     def take(self, proto: onnx.NodeProto, scope: dict[str, gs.Tensor]) -> bool:
         """Whether the node was lifted (its constant is in `scope` under the output's name)."""
@@ -71,6 +72,7 @@ class Lifting:
         constant.__dict__["name"] = name  # a fresh constant nothing reads yet: no hook needs to see it
         scope[name] = constant
         self.lifted[self.index] = constant
+        self.nbytes += constant._values.nbytes  # an unloaded value's size by type and dims
         return True
 
 
@@ -92,6 +94,7 @@ def drop_placeholders(graph: gs.Graph, lifting: Lifting) -> None:
         graph.nodes = [node for node in graph.nodes if node is not placeholder]
     graph.__dict__[LIFTED] = lifting.lifted
     graph.__dict__[LIFTED_COUNT] = len(lifting.lifted)
+    graph.__dict__[LIFTED_BYTES] = lifting.nbytes
 
 
 def take_lifted(graph: gs.Graph) -> dict[int, Any]:
@@ -103,3 +106,8 @@ def take_lifted(graph: gs.Graph) -> dict[int, Any]:
 def lifted_count(graph: gs.Graph) -> int:
     """How many Constant nodes the graph's import lifted."""
     return graph.__dict__.get(LIFTED_COUNT, 0)
+
+
+def lifted_bytes(graph: gs.Graph) -> int:
+    """The bytes the values of the Constant nodes the graph's import lifted take."""
+    return graph.__dict__.get(LIFTED_BYTES, 0)

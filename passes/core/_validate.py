@@ -9,6 +9,7 @@ the same for a 1 MB and a 10 GB model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -182,6 +183,19 @@ RAW_DTYPES: dict[int, np.dtype] = {helper.np_dtype_to_tensor_dtype(np.dtype(t)):
 def tensor_nbytes(tensor: TensorProto, where: str = "tensor") -> int:
     """Bytes the tensor's data takes by its type and dims (4-bit types packed two to a byte)."""
     return (element_count(tensor, where) * element_bits(tensor.data_type) + 7) // 8
+
+
+def declared_nbytes(tensor: TensorProto) -> int:
+    """`tensor_nbytes`, fast for plain numeric types, and 0 for a tensor whose type or dims are invalid
+    (the checker reports those)."""
+    dtype = RAW_DTYPES.get(tensor.data_type)
+    dims = tensor.dims
+    if dtype is not None and min(dims, default=0) >= 0:
+        return math.prod(dims) * dtype.itemsize
+    try:
+        return tensor_nbytes(tensor)
+    except (ModelLoadError, KeyError, TypeError, ValueError):
+        return 0
 
 
 def element_bits(data_type: int) -> int:

@@ -18,7 +18,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from passes.core import _gs_compat, _lift
 from passes.core._lift import lifted_count  # noqa: F401 (part of ir's surface)
-from passes.core._validate import densify_sparse_initializers
+from passes.core._validate import declared_nbytes, densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
     INLINE_BYTES, cached_entry, contracts_checked, graph_skeleton, import_skeleton, keep_piece, model_skeleton, touch,
 )
@@ -73,6 +73,18 @@ def import_graph(model: onnx.ModelProto, *, infer_shapes: bool = True,
         infer_into(graph, skeleton)
     remember_import(graph, skeleton)
     return graph
+
+
+def weights_past(model: onnx.ModelProto, graph: gs.Graph, limit: int) -> bool:
+    """Whether the weights of `model`, imported as `graph`, take more than `limit` bytes by type and dims
+    (stored, external or hollow alike): its initializers and the Constant nodes its import lifted (a
+    subgraph's own constants are not counted). Reads the protos, not every tensor of the graph."""
+    total = _lift.lifted_bytes(graph)
+    for tensor in (*model.graph.initializer, *(sparse.values for sparse in model.graph.sparse_initializer)):
+        total += declared_nbytes(tensor)
+        if total > limit:
+            return True
+    return total > limit
 
 
 def export_model(graph: gs.Graph) -> onnx.ModelProto:

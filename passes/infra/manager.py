@@ -261,7 +261,7 @@ class PassManager:
                                 histogram, constants_lifted_at_import=lifted)
         for instrument in instruments:
             instrument.before_pipeline(model, report)
-        heavy = sum(ir.constant_nbytes(t) for t in ir.tensor_map(graph).values() if type(t) is gs.Constant) > HEAVY_BYTES
+        heavy = ir.weights_past(model, graph, HEAVY_BYTES)
         start_resident = _memory.resident_bytes() if heavy else None
         _Runner(graph, report, instruments, self._full_contracts(), ops=histogram, heavy=heavy,
                 resident=start_resident).run_elements(pipeline.elements, None)

@@ -160,11 +160,12 @@ def _static_dims_gathered(node: gs.Node) -> np.ndarray | None:
     if not dims or not any(_is_static(d) for d in dims):  # nothing it gathers can be static
         return None
     indices = ir.constant_value(node.inputs[1])
-    if indices is None or not np.issubdtype(indices.dtype, np.integer):
+    if indices is None or indices.dtype.kind not in "iu":
         return None
-    if np.any(indices < -len(dims)) or np.any(indices >= len(dims)):
+    wanted = indices.reshape(-1).tolist()  # a few ints: Python's own, not numpy's per-call overhead
+    if any(i < -len(dims) or i >= len(dims) for i in wanted):
         return None  # out of range: leave the error to the runtime
-    picked = [dims[int(i)] for i in indices.reshape(-1)]
+    picked = [dims[i] for i in wanted]
     if not all(_is_static(d) for d in picked):
         return None
     return np.array(picked, dtype=np.int64).reshape(indices.shape)

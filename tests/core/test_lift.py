@@ -129,3 +129,12 @@ def test_pipelines_without_fold_constants_keep_constant_nodes() -> None:
     result = PassManager("eliminate-dead-code").run(model)
     assert result.report.constants_lifted_at_import == 0
     assert sum(n.op_type == "Constant" for n in result.model.graph.node) > 0
+
+
+def test_weights_past_counts_initializers_and_lifted_constants_by_type_and_dims() -> None:
+    model = _model()  # its weights: the lifted c (2 floats) and big (40 x 40 floats); no initializers
+    graph = ir.import_graph(model, lift_constants=True)
+    assert ir.weights_past(model, graph, 8 + 6400 - 1) and not ir.weights_past(model, graph, 8 + 6400)
+    assert not ir.weights_past(model, ir.import_graph(model), 0)  # nothing lifted, no initializers
+    model.graph.initializer.append(onnx.TensorProto(name="hollow", data_type=onnx.TensorProto.FLOAT, dims=[1000, 1000]))
+    assert ir.weights_past(model, ir.import_graph(model, infer_shapes=False), 4_000_000 - 1)  # hollow: by its dims

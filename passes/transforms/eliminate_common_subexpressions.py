@@ -82,9 +82,11 @@ class EliminateCommonSubexpressions(Pass):
         first, a graph output, or too large to compare). Weights not loaded yet stay unloaded: their
         values are read for the comparison and dropped (a model's weights loaded all at once would sit
         in memory beside the model they came from, doubling a 4 GB model)."""
-        if id(tensor) in outputs or ir.constant_nbytes(tensor) > self.max_constant_bytes:  # size read unloaded
+        if id(tensor) in outputs:
             return tensor
-        key = _raw_key(tensor)
+        key = _raw_key(tensor)  # most constants: a few bytes read off an unloaded TensorProto
+        if (len(key[2]) if key is not None else ir.constant_nbytes(tensor)) > self.max_constant_bytes:  # read unloaded
+            return tensor
         if key is None:
             values = _peek(tensor)
             if values.nbytes <= EXACT_KEY_BYTES and values.dtype.kind != "O":

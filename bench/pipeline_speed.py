@@ -5,7 +5,9 @@ TorchScript-idiom graph has ~6,500 nodes): our default pipeline (`passes.optimiz
 with the checker off), onnxsim, onnxslim, onnxruntime's offline optimizer (ORT_ENABLE_EXTENDED, writing the
 optimized model), and onnxoptimizer. Each tool is warmed up once (imports excluded); each timing is
 the best of `--repeat` runs, the tools taking turns. Prints a table with
-ratios against onnxsim and growth against the smallest graph, and writes JSON.
+ratios against onnxsim and growth against the smallest graph, and writes JSON. A control beside them: the
+time per node of a bare walk over the imported graph, whose growth is what the machine's caches add to
+work that is linear by construction (it varies with what else the host runs).
 
     python bench/pipeline_speed.py [--layers 2 8 32] [--real] [--repeat 3] [--json out/pipeline_speed.json]
 
@@ -46,6 +48,24 @@ def _interleaved(model: onnx.ModelProto, repeat: int) -> dict[str, float]:
             fn(model)
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def _bare_walk_ns(model: onnx.ModelProto, repeat: int) -> float:
+    """A control, not a tool: nanoseconds per node of one bare walk over the imported graph (every node,
+    its inputs, their readers), best of `repeat`. Its growth from the first row says how much dearer the
+    machine makes each node of a larger graph (caches) for work that is linear by construction."""
+    from passes.core import ir
+
+    graph = ir.import_graph(model)
+    best = float("inf")
+    for _ in range(max(repeat, 5)):
+        start = time.perf_counter()
+        readers = 0
+        for node in graph.nodes:
+            for tensor in node.inputs:
+                readers += len(tensor.outputs)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e9 / len(graph.nodes)
 
 
 def _onnxsim(model: onnx.ModelProto) -> None:
@@ -110,7 +130,8 @@ def run(layers: list[int], repeat: int, real: bool = False) -> dict[str, object]
     for label, model in _models(layers, real):
         nodes_after = len(passes.optimize(model).graph.node)
         times = _interleaved(model, repeat)
-        rows.append({"model": label, "nodes": len(model.graph.node), "nodes_after": nodes_after, "seconds": times})
+        rows.append({"model": label, "nodes": len(model.graph.node), "nodes_after": nodes_after, "seconds": times,
+                     "walk_ns_per_node": _bare_walk_ns(model, repeat)})
     return {
         "bench": "pipeline_speed",
         "machine": {"cpu": _cpu(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
@@ -135,16 +156,19 @@ def render(result: dict[str, object]) -> None:
         table.add_column(name, justify="right")
     table.add_column("ours/onnxsim", justify="right")
     table.add_column("ours/onnxslim", justify="right")
-    table.add_column("growth nodes/ours vs first row", justify="right")
+    table.add_column("growth vs first row: nodes / ours / onnxsim", justify="right")
+    table.add_column("bare walk ns/node (growth)", justify="right")
     for row in rows:
         secs = row["seconds"]
         ratio = secs["ours"] / secs["onnxsim"]
-        growth_nodes = row["nodes"] / base["nodes"]
-        growth_time = secs["ours"] / base["seconds"]["ours"]
+        growth = [row["nodes"] / base["nodes"], secs["ours"] / base["seconds"]["ours"],
+                  secs["onnxsim"] / base["seconds"]["onnxsim"]]
+        walk = row["walk_ns_per_node"]
         table.add_row(
             row["model"], f"{row['nodes']} -> {row['nodes_after']}",
             *(f"{secs[name]:.3f}" for name in TOOLS),
-            f"{ratio:.2f}x", f"{secs['ours'] / secs['onnxslim']:.2f}x", f"{growth_nodes:.1f}x/{growth_time:.1f}x",
+            f"{ratio:.2f}x", f"{secs['ours'] / secs['onnxslim']:.2f}x", " / ".join(f"{g:.1f}x" for g in growth),
+            f"{walk:.0f} ({walk / base['walk_ns_per_node']:.2f}x)",
         )
     console = Console()
     if not console.is_terminal:  # a pipe or a log: the whole table, not one cut to 80 columns

@@ -16,10 +16,9 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 from onnx.onnx_cpp2py_export import checker as c_checker
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from passes.core._opsets import DEFAULT_DOMAINS
-from passes.core._skeleton import IMPORTED_PIECES, contracts_checked, graph_skeleton, node_entries
+from passes.core._skeleton import IMPORTED_PIECES, contracts_checked, graph_skeleton, node_entries, value_info_bytes
 from passes.core._walk import has_subgraph
 
 #: per graph: (the context checked against, id -> every node piece the last check passed; holding them
@@ -87,7 +86,7 @@ def _check_changes(graph: gs.Graph, entries: list[tuple[bytes, ...]], checked: d
     for _, entry in fresh:
         c_checker.check_node(_payload(entry[0]), context, scope)  # type: ignore[arg-type]
     for tensor in (*graph.inputs, *graph.outputs):
-        c_checker.check_value_info(OnnxExporter.export_value_info_proto(tensor, False).SerializeToString(), context)
+        c_checker.check_value_info(value_info_bytes(tensor), context)
     return True
 
 

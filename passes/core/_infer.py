@@ -30,19 +30,23 @@ _SHAPE_SOURCES = ("Shape", "Size")
 _MAX_WAVES = 64
 
 
-def refresh_shapes(graph: gs.Graph, changed: Iterable[gs.Tensor] | None = None) -> int:
+def refresh_shapes(graph: gs.Graph, changed: Iterable[gs.Tensor] | None = None,
+                   news: list[gs.Tensor] | None = None) -> int:
     """Re-run ONNX shape inference (with data propagation) and write the results into the graph.
 
     Inference sees the graph without the bytes of its large constants (they become typed inputs),
     so this costs the same at any model size. `changed`: the tensors that changed since the graph's
     types were last right (constants that replaced computed tensors); only what depends on them is
-    inferred again. Returns how many tensors got a new shape or dtype.
+    inferred again. Returns how many tensors got a new shape or dtype; they go to `news`.
     """
     if changed is None:
-        return infer_into(graph, graph_skeleton(graph))
-    count = _refresh_around(graph, changed)
+        return infer_into(graph, graph_skeleton(graph), news=news)
+    regional: list[gs.Tensor] = []
+    count = _refresh_around(graph, changed, regional)
+    if news is not None:
+        news.extend(regional)  # (typed by waves before a fallback to the whole graph, too)
     if count is None:
-        return infer_into(graph, graph_skeleton(graph))
+        return infer_into(graph, graph_skeleton(graph), news=news)
     if contracts_checked():
         missed: list[gs.Tensor] = []
         if infer_into(graph, graph_skeleton(graph), news=missed):
@@ -51,7 +55,7 @@ def refresh_shapes(graph: gs.Graph, changed: Iterable[gs.Tensor] | None = None) 
     return count
 
 
-def _refresh_around(graph: gs.Graph, changed: Iterable[gs.Tensor]) -> int | None:
+def _refresh_around(graph: gs.Graph, changed: Iterable[gs.Tensor], retyped: list[gs.Tensor]) -> int | None:
     """Waves of regional inference from the readers of `changed`; None when the whole graph must go."""
     nodes = graph.nodes
     order = {id(node): index for index, node in enumerate(nodes)}
@@ -70,6 +74,7 @@ def _refresh_around(graph: gs.Graph, changed: Iterable[gs.Tensor]) -> int | None
         outputs = {t.name: t for n in ordered for t in n.outputs if t.name}
         news: list[gs.Tensor] = []
         total += infer_into(graph, region_skeleton(graph, ordered, outputs), outputs, news)
+        retyped.extend(news)
         seeds = _with_value_readers({id(n): n for tensor in news for n in tensor.outputs})
     return None  # types still changing after _MAX_WAVES waves (each only adds knowledge): the whole graph
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters import onnx_exporter
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
@@ -58,6 +59,7 @@ _Cache = tuple[dict[int, tuple[object, ...]], dict[int, tuple[object, ...]]]
 # GraphProto and ModelProto field numbers
 _NODE, _INITIALIZER, _INPUT, _OUTPUT, _VALUE_INFO, _GRAPH = 1, 5, 11, 12, 13, 7
 _TENSOR_NAME = 8  # TensorProto.name
+_VI_NAME, _VI_TYPE = 1, 2  # ValueInfoProto.name, .type
 
 
 def model_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -75,10 +77,8 @@ def graph_skeleton(graph: gs.Graph) -> bytes:
     for tensor in graph.outputs:
         if isinstance(tensor, gs.Constant) and tensor.name:
             constants[tensor.name] = tensor
-    pieces.extend(_field(_INPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
-                  for t in graph.inputs)
-    pieces.extend(_field(_OUTPUT, OnnxExporter.export_value_info_proto(t, False).SerializeToString())
-                  for t in graph.outputs)
+    pieces.extend(_field(_INPUT, value_info_bytes(t)) for t in graph.inputs)
+    pieces.extend(_field(_OUTPUT, value_info_bytes(t)) for t in graph.outputs)
     pieces.extend(_constant_piece(t, cache) for t in constants.values() if not isinstance(t._values, SparseValues))
     _forget_the_dead(graph, cache, constants)
     return _empty_header(graph) + _field(_GRAPH, b"".join(pieces))
@@ -148,8 +148,32 @@ def region_skeleton(graph: gs.Graph, nodes: list[gs.Node], outputs: dict[str, gs
         if type(tensor) is gs.Constant:
             pieces.append(_constant_piece(tensor, cache))
         else:
-            pieces.append(_field(_INPUT, OnnxExporter.export_value_info_proto(tensor, False).SerializeToString()))
+            pieces.append(_field(_INPUT, value_info_bytes(tensor)))
     return _empty_header(graph) + _field(_GRAPH, b"".join(pieces))
+
+
+#: serialized TypeProtos of plain tensor types by (dtype, dims): a 32-layer model's ~3,000 typed tensors
+#: have a few hundred types, and onnx.helper builds each message field by field
+_TENSOR_TYPES: dict[tuple[object, ...], bytes] = {}
+_PLAIN_DIMS = (int, str, type(None))
+
+
+def value_info_bytes(tensor: gs.Tensor) -> bytes:
+    """`OnnxExporter.export_value_info_proto(tensor, False).SerializeToString()`, a plain tensor type encoded
+    once per distinct type (the bytes are the same: tests/core/test_skeleton.py)."""
+    fields = tensor.__dict__
+    dtype, shape = fields.get("dtype"), fields.get("shape")
+    if (type(tensor) is not gs.Variable or dtype is None or fields.get("type") != "tensor_type"
+            or (shape is not None and not all(type(d) in _PLAIN_DIMS for d in shape))):
+        return OnnxExporter.export_value_info_proto(tensor, False).SerializeToString()  # as graphsurgeon does
+    key = (dtype, None if shape is None else tuple(shape))
+    encoded = _TENSOR_TYPES.get(key)
+    if encoded is None:
+        if len(_TENSOR_TYPES) > 1 << 16:
+            _TENSOR_TYPES.clear()
+        encoded = _TENSOR_TYPES[key] = onnx.helper.make_tensor_type_proto(
+            onnx_exporter.dtype_to_onnx(dtype), shape).SerializeToString()
+    return _field(_VI_NAME, tensor.name.encode()) + _field(_VI_TYPE, encoded)
 
 
 def value_info_pieces(graph: gs.Graph, tensors: Iterable[gs.Variable]) -> bytes:
@@ -163,9 +187,8 @@ def value_info_pieces(graph: gs.Graph, tensors: Iterable[gs.Variable]) -> bytes:
         entry = variables.get(id(tensor))
         if (entry is None or entry[0] is not tensor or entry[1] != name or entry[2] is not dtype
                 or entry[3] != shape or entry[4] != kind):
-            info = OnnxExporter.export_value_info_proto(tensor, False)
             entry = variables[id(tensor)] = (tensor, name, dtype, list(shape) if shape is not None else None, kind,
-                                             _field(_VALUE_INFO, info.SerializeToString()))
+                                             _field(_VALUE_INFO, value_info_bytes(tensor)))
         pieces.append(entry[5])
     return b"".join(pieces)
 

@@ -41,33 +41,45 @@ class FoldConstants(Pass):
 
     def call(self, graph: gs.Graph) -> PassResult:
         stats = {"nodes_folded": 0, "shapes_folded": 0, "constant_nodes_lifted": 0}
-        refusals: list[Refusal] = []
+        refusals: dict[int, Refusal] = {}  # by node: the last sweep that looked at the node says
         modified = False
+        only: set[int] | None = None  # after the first sweep: the nodes new types may let fold
         for _ in range(MAX_ROUNDS):
             computed: list[gs.Tensor] = []  # computed tensors that became constants this round
-            folded_any, refusals = self._fold_round(graph, stats, computed)
-            if not folded_any:
+            if not self._fold_round(graph, stats, computed, refusals, only):
                 break
             modified = True
             if not self.fold_shapes or not _shape_queries_may_improve(graph):
                 break
             # new constants can make more shapes static (a Reshape target, a Range limit): re-infer what
             # reads them, so one run reaches the state a fresh import would see and a second run changes nothing
-            ir.refresh_shapes(graph, computed)
+            retyped: list[gs.Tensor] = []
+            ir.refresh_shapes(graph, computed, news=retyped)
+            only = _shape_queries_of(retyped)
         else:
             raise self.violation(f"folding did not settle in {MAX_ROUNDS} rounds")
-        return PassResult(graph, modified, stats, refusals)
+        alive = [id(node) for node in graph.nodes]
+        return PassResult(graph, modified, stats, [refusals[key] for key in alive if key in refusals])
 
-    def _fold_round(self, graph: gs.Graph, stats: dict[str, int],
-                    computed: list[gs.Tensor]) -> tuple[bool, list[Refusal]]:
-        """One topological sweep; returns whether anything folded, and the refusals seen. The constants
-        that replaced computed tensors go to `computed` (lifted Constant nodes change no type)."""
+    def _fold_round(self, graph: gs.Graph, stats: dict[str, int], computed: list[gs.Tensor],
+                    refusals: dict[int, Refusal], only: set[int] | None) -> bool:
+        """One topological sweep over every node, or over the nodes in `only` and whatever reads what
+        folds in the sweep; returns whether anything folded. The constants that replaced computed tensors
+        go to `computed` (lifted Constant nodes change no type); each node looked at updates `refusals`.
+
+        Between sweeps only types change (inference), and of what a node's folding depends on only the
+        shape queries read types: everything else that can fold folded in the first sweep, which sees
+        each new constant before its readers."""
         outputs = ir.graph_output_ids(graph)
         opset = ir.opset_version(graph)
         folded: list[gs.Node] = []
         replacements: dict[int, list[gs.Node]] = {}
-        refusals: list[Refusal] = []
         for node in graph.nodes:
+            if only is not None:
+                if id(node) not in only:
+                    continue
+                only.update(id(reader) for tensor in node.outputs for reader in tensor.outputs)  # if it folds
+            refusals.pop(id(node), None)
             if node.op == "Constant" and ir.is_default_domain(node):
                 if _lift_constant_node(node, outputs):
                     folded.append(node)
@@ -76,7 +88,7 @@ class FoldConstants(Pass):
             values, reason = self._evaluate(node, opset)
             if values is None:
                 if reason:
-                    refusals.append(Refusal(node.name or node.op, reason))
+                    refusals[id(node)] = Refusal(node.name or node.op, reason)
                 continue
             shape_query = node.op in ("Shape", "Size") or _reads_shape(node)
             replacements[id(node)] = _replace_with_constants(node, values, outputs, computed)
@@ -85,7 +97,7 @@ class FoldConstants(Pass):
         if folded:
             gone = {id(n) for n in folded}
             graph.nodes = [r for n in graph.nodes for r in (replacements.get(id(n), []) if id(n) in gone else [n])]
-        return bool(folded), refusals
+        return bool(folded)
 
     def _evaluate(self, node: gs.Node, opset: int) -> tuple[list[np.ndarray] | None, str]:
         """The node's output values, or None and a refusal reason ("" when simply not constant)."""
@@ -185,6 +197,18 @@ def _shape_queries_may_improve(graph: gs.Graph) -> bool:
         if dims is None or any(not _is_static(d) and d not in symbols for d in dims):
             return True
     return False
+
+
+def _shape_queries_of(retyped: list[gs.Tensor]) -> set[int]:
+    """The nodes a type change can let fold: the Shape and Size nodes reading a retyped tensor, and the
+    Gathers of what those Shape nodes compute."""
+    queries: set[int] = set()
+    for tensor in retyped:
+        for reader in tensor.outputs:
+            if reader.op in ("Shape", "Size"):
+                queries.add(id(reader))
+                queries.update(id(gather) for out in reader.outputs for gather in out.outputs if gather.op == "Gather")
+    return queries
 
 
 def _reads_shape(node: gs.Node) -> bool:

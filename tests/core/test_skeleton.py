@@ -145,3 +145,31 @@ def test_value_info_follows_a_tensor_s_type_and_shape() -> None:
     info = exported()
     assert info.type.tensor_type.shape.dim[0].dim_param == "n"
     assert info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_value_info_bytes_are_graphsurgeons_own() -> None:
+    """The cached encoding of plain tensor types writes what graphsurgeon's exporter writes, for every
+    tensor of an optimized sample and for the odd ones (no shape, scalar, unknown and symbolic dims, a
+    numpy int dim, no dtype, an ONNX enum dtype, a sequence type), twice over (cache cold, then warm)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    from passes.core._skeleton import value_info_bytes
+    from passes.samples import build_sample
+
+    graph = ir.import_graph(build_sample("tiny-llama", layers=1))
+    odd = [gs.Variable("none", dtype=np.float32), gs.Variable("scalar", dtype=np.int64, shape=[]),
+           gs.Variable("dims", dtype=np.float16, shape=[None, "batch", 3, 0]), gs.Variable("untyped"),
+           gs.Variable("", dtype=np.float32, shape=[1]), gs.Variable("npdim", dtype=np.float32, shape=[np.int64(2)]),
+           gs.Variable("bf16", dtype=onnx.TensorProto.BFLOAT16, shape=[4]),
+           gs.Variable("seq", dtype=np.float32, shape=[2])]
+    odd[-1].type = "sequence_type"
+    for tensor in [*ir.tensor_map(graph).values(), *odd] * 2:
+        if type(tensor) is gs.Constant:
+            continue
+        try:
+            expected = OnnxExporter.export_value_info_proto(tensor, False).SerializeToString()
+        except (ValueError, TypeError) as err:
+            with pytest.raises(type(err)):
+                value_info_bytes(tensor)
+            continue
+        assert value_info_bytes(tensor) == expected, tensor

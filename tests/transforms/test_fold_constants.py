@@ -154,3 +154,30 @@ def test_property_shape_slice_matches_onnxruntime(start: int, end: int, dims: li
     folded = FoldConstants()(original).model
     concrete = [d if isinstance(d, int) else 3 for d in dims]
     assert_equivalent(original, folded, rtol=0, atol=0, input_shapes={"x": concrete})
+
+
+def test_structure_a_later_sweep_folds_what_inference_made_static_and_keeps_earlier_refusals() -> None:
+    """Abs is folded but not propagated by ONNX inference, so the Reshape's output dims are unknown until
+    fold-constants re-infers: the Shape and the Gather of it fold in the second sweep, which looks only at
+    the shape queries (and what reads what folds); the DequantizeLinear refused in the first sweep stays
+    refused in the result."""
+    nodes = [
+        helper.make_node("Abs", ["negative_dims"], ["dims"]),
+        helper.make_node("Reshape", ["x", "dims"], ["r"]),
+        helper.make_node("Shape", ["r"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["rows"], axis=0),
+        helper.make_node("Cast", ["rows"], ["rows_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["r", "rows_f"], ["scaled"]),
+        helper.make_node("DequantizeLinear", ["q", "scale"], ["w"]),
+        helper.make_node("MatMul", ["scaled", "w"], ["y"]),
+    ]
+    original = model(nodes, [tensor("x", [2, 6])], [tensor("y", [3, 2])], [
+        init("negative_dims", np.int64([-3, -4])), init("zero", np.int64(0)),
+        init("q", np.ones((4, 2), np.int8)), init("scale", np.float32(0.5))])
+    result = FoldConstants()(original)
+    assert ops(result.model) == ["Reshape", "Mul", "DequantizeLinear", "MatMul"]
+    assert result.stats == {"nodes_folded": 3, "shapes_folded": 1, "constant_nodes_lifted": 0}  # Abs, Gather, Cast; Shape
+    assert [r.reason for r in result.refusals] == [
+        "DequantizeLinear keeps its weight quantized (folding would store it as float again)"]
+    assert_equivalent(original, result.model, rtol=0, atol=0)
+    assert not FoldConstants()(result.model).modified

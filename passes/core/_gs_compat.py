@@ -10,8 +10,8 @@
   TypeProto values, which `onnx.helper.make_attribute` exports as they were.
 
 - the exporter builds the graph with `initializer.extend(...)`, which copies each TensorProto through
-  serialisation: a constant past protobuf's 2 GiB limit fails with `EncodeError`. `export_onnx` exports
-  the top-level graph itself and copies initializers in with CopyFrom, which has no limit.
+  serialisation: a constant past protobuf's 2 GiB limit fails with `EncodeError`. `_export.export_onnx`
+  exports the top-level graph itself and copies initializers in with CopyFrom, which has no limit.
 
 - speed: graphsurgeon's `import_node` and `import_tensor` build each Node, Variable and Constant through
   constructors whose `__setattr__` hooks and list syncing cost ~25 us a node (a third of a 6,500-node
@@ -40,13 +40,13 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.exporters import onnx_exporter
 from onnx_graphsurgeon.importers import onnx_importer
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
 from passes.core._lift import LIFTING
-from passes.core._skeleton import node_pieces, touch, value_info_pieces
+from passes.core._skeleton import touch
 from passes.core._validate import RAW_DTYPES, tensor_nbytes
-from passes.core._walk import has_subgraph, tensor_map
+from passes.core._walk import has_subgraph
 
 _PATCHED = "_passes_compat"
 #: graphsurgeon's own `import_node`, `import_tensor` and `import_attributes`, replaced by faster twins (kept for the test that
@@ -54,44 +54,6 @@ _PATCHED = "_passes_compat"
 STOCK_IMPORT_NODE: Any = None
 STOCK_IMPORT_TENSOR: Any = None
 STOCK_IMPORT_ATTRIBUTES: Any = None
-
-
-def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
-    """`gs.export_onnx(graph, do_type_check=False)`, faster, and for constants of any size.
-
-    The top-level graph is exported here with graphsurgeon's own per-tensor and per-function exporters;
-    nodes come from the skeleton cache as serialized pieces, parsed in one call (re-exporting every
-    node was most of an export's cost), and initializers are copied in with CopyFrom, which has no size
-    limit (`extend` serialises each one and fails past 2 GiB). Subgraphs go through graphsurgeon whole.
-    """
-    exporter = onnx_exporter.OnnxExporter
-    tensors = tensor_map(graph)
-    # the model first, then its graph filled in place: `make_model(graph)` copies the whole graph, weights too
-    model = onnx.helper.make_model(
-        onnx.GraphProto(), functions=[exporter.export_function(f) for f in graph.functions],
-        opset_imports=onnx_exporter.update_import_domains(graph),
-    )
-    out = model.graph
-    out.name, out.doc_string = graph.name or "", graph.doc_string or ""
-    out.MergeFromString(node_pieces(graph))
-    out.input.extend(exporter.export_value_info_proto(t, False) for t in graph.inputs)
-    out.output.extend(exporter.export_value_info_proto(t, False) for t in graph.outputs)
-    io_names = {t.name for t in (*graph.inputs, *graph.outputs)}
-    typed: list[gs.Variable] = []
-    for tensor in tensors.values():
-        if isinstance(tensor, gs.Constant):
-            if isinstance(tensor._values, SparseValues):
-                out.sparse_initializer.add().CopyFrom(exporter.export_sparse_tensor_proto(tensor))
-            else:
-                out.initializer.add().CopyFrom(exporter.export_tensor_proto(tensor))
-        elif tensor.name not in io_names and (tensor.dtype is not None or tensor.shape is not None):
-            typed.append(tensor)
-    out.MergeFromString(value_info_pieces(graph, typed))
-    model.producer_name = graph.producer_name or ""
-    model.producer_version = graph.producer_version or ""
-    if graph.ir_version is not None:
-        model.ir_version = graph.ir_version
-    return model
 
 
 #: the most bytes `small_raw_values` reads

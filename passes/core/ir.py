@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from passes.core import _gs_compat, _lift
+from passes.core import _export, _gs_compat, _lift
 from passes.core._lift import lifted_count  # noqa: F401 (part of ir's surface)
 from passes.core._validate import declared_nbytes, densify_sparse_initializers
 from passes.core._skeleton import (  # noqa: F401 (part of ir's surface)
@@ -92,7 +92,7 @@ def weights_past(model: onnx.ModelProto, graph: gs.Graph, limit: int) -> bool:
 
 def export_model(graph: gs.Graph) -> onnx.ModelProto:
     """Convert a graph back to a model, restoring the model-level fields graphsurgeon drops."""
-    model = _gs_compat.export_onnx(graph)
+    model = _export.export_onnx(graph)
     meta: onnx.ModelProto | None = graph.__dict__.get("_passes_model_meta")
     if meta is not None:
         model.ir_version = meta.ir_version or model.ir_version

@@ -63,6 +63,7 @@ class EliminateCommonSubexpressions(Pass):
         """Point every use of a constant at the first constant with the same dtype, shape and bytes."""
         buckets: dict[tuple[object, ...], list[gs.Constant]] = {}
         keepers: dict[int, gs.Constant] = {}  # constant -> the one its uses move to (itself when first)
+        samples = _SampleKeys(graph)
         merged = 0
         for node in graph.nodes:
             for index, tensor in enumerate(node.inputs):
@@ -70,14 +71,15 @@ class EliminateCommonSubexpressions(Pass):
                     continue
                 keeper = keepers.get(id(tensor))
                 if keeper is None:
-                    keeper = keepers[id(tensor)] = self._keeper(tensor, buckets, outputs)
+                    keeper = keepers[id(tensor)] = self._keeper(tensor, buckets, outputs, samples)
                 if keeper is not tensor:
                     ir.set_input(node, index, keeper)
                     merged += 1
+        samples.save()
         return merged
 
     def _keeper(self, tensor: gs.Constant, buckets: dict[tuple[object, ...], list[gs.Constant]],
-                outputs: set[int]) -> gs.Constant:
+                outputs: set[int], samples: _SampleKeys) -> gs.Constant:
         """The first constant seen with `tensor`'s dtype, shape and bytes (`tensor` itself when it is the
         first, a graph output, or too large to compare). Weights not loaded yet stay unloaded: their
         values are read for the comparison and dropped (a model's weights loaded all at once would sit
@@ -87,23 +89,62 @@ class EliminateCommonSubexpressions(Pass):
         key = _raw_key(tensor)  # most constants: a few bytes read off an unloaded TensorProto
         if (len(key[2]) if key is not None else ir.constant_nbytes(tensor)) > self.max_constant_bytes:  # read unloaded
             return tensor
+        values = None
+        if key is None:
+            key = samples.known(tensor)
         if key is None:
             values = _peek(tensor)
             if values.nbytes <= EXACT_KEY_BYTES and values.dtype.kind != "O":
                 key = (values.dtype.str, values.shape, np.ascontiguousarray(values).tobytes())
-        if key is not None:
+            else:
+                key = samples.remember(tensor, _sample_key(values))
+        bucket = buckets.setdefault(key, [])
+        if not bucket:
+            bucket.append(tensor)
+            return tensor
+        if key[0] != _SAMPLED:
             # a small constant (shape vectors, scalars: most of an export's) is keyed by its bytes themselves:
-            # equal keys are equal constants, so the first of a bucket is the keeper, no hash or comparison
-            bucket = buckets.setdefault(key, [])
-            if not bucket:
-                bucket.append(tensor)
+            # equal keys are equal constants, so the first of a bucket is the keeper, no comparison
             return bucket[0]
-        bucket = buckets.setdefault(_sample_key(values), [])
+        values = _peek(tensor) if values is None else values
         keeper = next((c for c in bucket if _same_bytes(_peek(c), values)), None)
         if keeper is None:
             bucket.append(tensor)
             return tensor
         return keeper
+
+
+_SAMPLED = "sampled"
+#: per graph: id -> (constant, its unloaded values, sample key), from the last run
+_SAMPLE_KEYS = "_passes_ecs_sample_keys"
+
+
+class _SampleKeys:
+    """The sample keys of unloaded weights, kept on the graph from one run to the next: keying a weight
+    loads it, a copy of its bytes (all 600 MB of a 135M model's, every run). A key holds while the constant
+    keeps the same unloaded values (a TensorProto of the input model, which nothing writes)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.last: dict[int, tuple[gs.Constant, LazyValues, tuple[object, ...]]] = graph.__dict__.get(_SAMPLE_KEYS, {})
+        self.now: dict[int, tuple[gs.Constant, LazyValues, tuple[object, ...]]] = {}
+
+    def known(self, tensor: gs.Constant) -> tuple[object, ...] | None:
+        entry = self.last.get(id(tensor))
+        if entry is None or entry[0] is not tensor or entry[1] is not tensor._values:
+            return None
+        self.now[id(tensor)] = entry
+        return entry[2]
+
+    def remember(self, tensor: gs.Constant, key: tuple[object, ...]) -> tuple[object, ...]:
+        key = (_SAMPLED, *key)
+        if type(tensor._values) is LazyValues:  # (an array a pass made may be written in place)
+            self.now[id(tensor)] = (tensor, tensor._values, key)
+        return key
+
+    def save(self) -> None:
+        """Keep the keys of the constants this run saw (those that left the graph go)."""
+        self.graph.__dict__[_SAMPLE_KEYS] = self.now
 
 
 def _merge_into(graph: gs.Graph, first: gs.Node, duplicate: gs.Node, outputs: set[int]) -> bool:

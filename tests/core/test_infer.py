@@ -37,4 +37,4 @@ def test_a_region_past_a_third_of_the_graph_infers_the_whole_graph(monkeypatch: 
     monkeypatch.setenv("PASSES_CHECK_CONTRACTS", "0")
     graph = ir.import_graph(build_sample("tiny-llama", layers=1))
     every_tensor = [t for t in ir.tensor_map(graph).values() if type(t) is ir.Variable and t.outputs]
-    assert _infer._refresh_around(graph, every_tensor) is None
+    assert _infer._refresh_around(graph, every_tensor, []) is None

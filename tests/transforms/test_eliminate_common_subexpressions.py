@@ -87,3 +87,32 @@ def test_property_valid_equivalent_idempotent(original: onnx.ModelProto) -> None
         groups.setdefault((node.op_type, tuple(node.input), str(node.attribute)), []).append(node)
     for twins in groups.values():  # twins survive only when each names a graph output of its own
         assert len(twins) == 1 or all(set(n.output) & graph_outputs for n in twins), "a duplicate survived"
+
+
+def test_structure_a_later_run_keys_unloaded_weights_without_loading_them(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Keying a large weight loads it (a copy of its bytes); its key is kept for the next run while the
+    constant holds the same unloaded TensorProto. A constant whose values a pass replaced is keyed afresh."""
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from passes.core import ir
+
+    nodes = [helper.make_node("Add", ["x", f"w{i}"], [f"y{i}"]) for i in range(1, 4)]
+    big = np.arange(1000, dtype=np.float32)
+    original = model(nodes, [tensor("x", [1000])], [tensor(f"y{i}", [1000]) for i in range(1, 4)],
+                     [init("w1", big), init("w2", big.copy()), init("w3", big + 1)])
+    graph = ir.import_graph(original)
+    loads: list[str] = []
+    stock = LazyValues.load
+    monkeypatch.setattr(LazyValues, "load", lambda self: loads.append(self.tensor.name) or stock(self))
+    ecs = EliminateCommonSubexpressions()
+    first, _ = ecs.run_checked(graph)
+    assert first.stats["constants_merged"] == 1 and sorted(set(loads)) == ["w1", "w2", "w3"]
+    loads.clear()
+    second, _ = ecs.run_checked(graph)
+    assert not second.modified and loads == []
+    w3 = next(t for t in ir.tensor_map(graph).values() if t.name == "w3")
+    assert type(w3) is gs.Constant
+    w3.values = big.copy()  # a pass rewrote it: equal to w1 now
+    third, _ = ecs.run_checked(graph)
+    assert third.stats["constants_merged"] == 1

@@ -1,0 +1,39 @@
+"""The model export (`passes.core._export`): plain arrays a pass made are written straight into their
+initializers, byte for byte what graphsurgeon's exporter writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from passes.core import ir
+from passes.core._validate import RAW_DTYPES
+
+_ARRAYS = [(np.arange(12).reshape(3, 4) % 3).astype(dtype) for dtype in RAW_DTYPES.values()]
+
+
+@pytest.mark.parametrize("values", [*_ARRAYS, np.array(2.5, np.float32), np.zeros((0, 3), np.int64),
+                                    np.arange(12, dtype=np.float32).reshape(3, 4).T],  # not C-contiguous
+                         ids=lambda v: f"{v.dtype}{list(v.shape)}{'' if v.flags.c_contiguous else '-view'}")
+def test_plain_arrays_export_as_graphsurgeon_writes_them(values: np.ndarray) -> None:
+    x = gs.Variable("x", dtype=values.dtype, shape=list(values.shape))
+    y = gs.Variable("y", dtype=values.dtype, shape=list(values.shape))
+    weight = gs.Constant("w", values)
+    nodes = [gs.Node("Identity", inputs=[weight], outputs=[y]), gs.Node("Identity", inputs=[x], outputs=[gs.Variable("z")])]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17)
+    (written,) = ir.export_model(graph).graph.initializer
+    assert written.SerializeToString() == OnnxExporter.export_tensor_proto(weight).SerializeToString()
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(written), values)
+
+
+def test_other_constants_take_graphsurgeons_path() -> None:
+    """Strings are no plain array's bytes (ONNX keeps them in string_data)."""
+    weight = gs.Constant("w", np.array(["a", "bc"], dtype=object))
+    y = gs.Variable("y", dtype=object, shape=[2])
+    graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[weight], outputs=[y])], outputs=[y], opset=17)
+    (written,) = ir.export_model(graph).graph.initializer
+    assert written.data_type == onnx.TensorProto.STRING and list(written.string_data) == [b"a", b"bc"]
+    assert not written.raw_data

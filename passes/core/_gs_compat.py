@@ -60,24 +60,38 @@ STOCK_IMPORT_ATTRIBUTES: Any = None
 SMALL_RAW_BYTES = 4096
 
 
-def raw_layout(proto: onnx.TensorProto, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], bytes] | None:
-    """(numpy dtype, shape, raw bytes) of a TensorProto of at most `max_bytes` stored inline as the raw
-    bytes of a plain numpy type; None for anything else."""
+_LAYOUT = "_passes_raw_layout"
+
+
+def raw_layout(values: LazyValues, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], bytes] | None:
+    """(numpy dtype, shape, raw bytes) of an unloaded constant of at most `max_bytes` (<= SMALL_RAW_BYTES)
+    stored inline as the raw bytes of a plain numpy type; None for anything else. Read once per constant and
+    kept on its LazyValues (the TensorProto is the input model's, which nothing writes); a large one's bytes
+    are never read (reading a bytes field copies all of it)."""
+    known = values.__dict__.get(_LAYOUT, values)
+    if known is values:
+        known = values.__dict__[_LAYOUT] = _read_layout(values.tensor)
+    if known is None or len(known[2]) > max_bytes:
+        return None
+    return known
+
+
+def _read_layout(proto: onnx.TensorProto) -> tuple[np.dtype, tuple[int, ...], bytes] | None:
     dtype = RAW_DTYPES.get(proto.data_type)
-    raw = proto.raw_data
-    if dtype is None or not raw or len(raw) > max_bytes or proto.data_location == onnx.TensorProto.EXTERNAL:
+    if dtype is None or proto.data_location == onnx.TensorProto.EXTERNAL:
         return None
     shape = tuple(proto.dims)
-    if len(raw) != math.prod(shape) * dtype.itemsize:
+    if min(shape, default=0) < 0 or not 0 < math.prod(shape) * dtype.itemsize <= SMALL_RAW_BYTES:
         return None
-    return dtype, shape, raw
+    raw = proto.raw_data
+    return (dtype, shape, raw) if len(raw) == math.prod(shape) * dtype.itemsize else None
 
 
-def small_raw_values(proto: onnx.TensorProto) -> np.ndarray | None:
-    """The values of a small TensorProto stored as raw bytes of a plain numpy type (shape vectors, axes,
-    scalars), read straight from the bytes; None for anything else (numpy_helper's general reader costs
-    10 us, and graphsurgeon keeps what it loaded, which re-encodes the constant's skeleton piece)."""
-    layout = raw_layout(proto, SMALL_RAW_BYTES)
+def small_raw_values(values: LazyValues) -> np.ndarray | None:
+    """The values of a small unloaded constant stored as raw bytes of a plain numpy type (shape vectors,
+    axes, scalars), read straight from the bytes; None for anything else (numpy_helper's general reader
+    costs 10 us, and graphsurgeon keeps what it loaded, which re-encodes the constant's skeleton piece)."""
+    layout = raw_layout(values, SMALL_RAW_BYTES)
     if layout is None:
         return None
     dtype, shape, raw = layout

@@ -194,7 +194,7 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant-node output), else None."""
     if isinstance(tensor, gs.Constant):
         stored = tensor._values
-        if type(stored) is LazyValues and (small := _gs_compat.small_raw_values(stored.tensor)) is not None:
+        if type(stored) is LazyValues and (small := _gs_compat.small_raw_values(stored)) is not None:
             return small
         return np.asarray(tensor.values)
     node = producer(tensor)

@@ -171,7 +171,7 @@ def _raw_key(tensor: gs.Constant) -> tuple[str, tuple[int, ...], bytes] | None:
     stored = tensor._values
     if type(stored) is not LazyValues:
         return None
-    layout = raw_layout(stored.tensor, EXACT_KEY_BYTES)
+    layout = raw_layout(stored, EXACT_KEY_BYTES)
     return None if layout is None else (layout[0].str, layout[1], layout[2])
 
 

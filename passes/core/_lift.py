@@ -25,10 +25,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers import onnx_importer
 
+from passes.core._opsets import DEFAULT_DOMAINS
+
 #: per graph made by a lifting import: node index in the model -> the constant that took the node's place
 #: (until the import's skeleton takes it), how many nodes were lifted and the bytes their values take
 LIFTED, LIFTED_COUNT, LIFTED_BYTES = "_passes_lifted", "_passes_lifted_count", "_passes_lifted_bytes"
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 #: the lifting of the import under way in this thread, if any: graphsurgeon's node import
 #: (`passes.core._gs_compat._import_node`) asks it about every node
 LIFTING: ContextVar[Lifting | None] = ContextVar("passes_lifting", default=None)
@@ -56,7 +57,7 @@ class Lifting:
         elif scope is not self.scope:
             return False
         self.index += 1
-        if (proto.op_type != "Constant" or proto.domain not in _DEFAULT_DOMAINS or len(proto.output) != 1
+        if (proto.op_type != "Constant" or proto.domain not in DEFAULT_DOMAINS or len(proto.output) != 1
                 or len(proto.attribute) != 1 or proto.input):
             return False
         attribute = proto.attribute[0]

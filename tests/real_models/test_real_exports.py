@@ -169,3 +169,13 @@ def test_norms_and_gelu_fuse_when_the_opset_may_be_raised(real: RealExport, rule
     assert op_count(fused, op) == expected
     for dims in SHAPES:
         assert_equivalent(real.model, fused, rtol=1e-4, atol=1e-5, input_shapes=real.shapes(dims))
+
+
+def test_lifting_constant_nodes_at_import_writes_the_same_model(real: RealExport, canonical: onnx.ModelProto,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline imports Constant nodes as fold-constants' initializers (`passes.core._lift`): the
+    output is the one folding's own lifting gives, byte for byte."""
+    from passes.transforms.fold_constants import FoldConstants
+
+    monkeypatch.setattr(FoldConstants, "lifts_constant_nodes", False)
+    assert passes.optimize(real.model).SerializeToString() == canonical.SerializeToString()

@@ -152,8 +152,8 @@ def region_skeleton(graph: gs.Graph, nodes: list[gs.Node], outputs: dict[str, gs
     return _empty_header(graph) + _field(_GRAPH, b"".join(pieces))
 
 
-#: serialized TypeProtos of plain tensor types by (dtype, dims): a 32-layer model's ~3,000 typed tensors
-#: have a few hundred types, and onnx.helper builds each message field by field
+#: serialized TypeProtos of plain tensor types by (ONNX element type, dims): a 32-layer model's ~3,000 typed
+#: tensors have a few hundred types, and onnx.helper builds each message field by field
 _TENSOR_TYPES: dict[tuple[object, ...], bytes] = {}
 _PLAIN_DIMS = (int, str, type(None))
 
@@ -166,14 +166,19 @@ def value_info_bytes(tensor: gs.Tensor) -> bytes:
     if (type(tensor) is not gs.Variable or dtype is None or fields.get("type") != "tensor_type"
             or (shape is not None and not all(type(d) in _PLAIN_DIMS for d in shape))):
         return OnnxExporter.export_value_info_proto(tensor, False).SerializeToString()  # as graphsurgeon does
-    key = (dtype, None if shape is None else tuple(shape))
+    return _typed(tensor.name, onnx_exporter.dtype_to_onnx(dtype), None if shape is None else tuple(shape))
+
+
+def _typed(name: str, elem: int, dims: tuple[object, ...] | None) -> bytes:
+    """`make_tensor_value_info(name, elem, dims).SerializeToString()`, the type encoded once per distinct type
+    (a large constant's typed input in a skeleton, a typed tensor's value_info)."""
+    key = (elem, dims)
     encoded = _TENSOR_TYPES.get(key)
     if encoded is None:
         if len(_TENSOR_TYPES) > 1 << 16:
             _TENSOR_TYPES.clear()
-        encoded = _TENSOR_TYPES[key] = onnx.helper.make_tensor_type_proto(
-            onnx_exporter.dtype_to_onnx(dtype), shape).SerializeToString()
-    return _field(_VI_NAME, tensor.name.encode()) + _field(_VI_TYPE, encoded)
+        encoded = _TENSOR_TYPES[key] = onnx.helper.make_tensor_type_proto(elem, dims).SerializeToString()
+    return _field(_VI_NAME, name.encode()) + _field(_VI_TYPE, encoded)
 
 
 def value_info_pieces(graph: gs.Graph, tensors: Iterable[gs.Variable]) -> bytes:
@@ -223,8 +228,7 @@ def _model_skeleton(model: onnx.ModelProto, graph: gs.Graph | None) -> bytes:
         pieces.extend(_field(number, value.SerializeToString()) for value in values)
     for init in source.initializer:
         if proto_size(init) > INLINE_BYTES or _hollow_and_large(init):
-            info = onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-            pieces.append(_field(_INPUT, info.SerializeToString()))
+            pieces.append(_field(_INPUT, _typed(init.name, init.data_type, tuple(init.dims))))
         else:
             pieces.append(_field(_INITIALIZER, init.SerializeToString()))
     if lifted:
@@ -318,8 +322,7 @@ def _constant_piece(tensor: gs.Constant, cache: _Cache) -> bytes:
         dtype = np.dtype(values.dtype)
         elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     if math.prod(values.shape) * dtype.itemsize > INLINE_BYTES:
-        info = onnx.helper.make_tensor_value_info(tensor.name, elem, list(values.shape))
-        piece = _field(_INPUT, info.SerializeToString())
+        piece = _field(_INPUT, _typed(tensor.name, elem, tuple(values.shape)))
     elif type(values) is LazyValues and (unloaded := _unloaded_piece(tensor.name, values.tensor)) is not None:
         piece = unloaded
     elif type(values) is np.ndarray and dtype in _PLAIN and tensor.__dict__.get("_export_dtype") is None:

@@ -63,7 +63,7 @@ def _export_plain_in_place(tensor: gs.Constant, out: onnx.GraphProto) -> bool:
     of every byte that building a TensorProto and copying it in costs (a fused weight set of a 135M model is
     280 MB). False for anything else."""
     values = tensor._values
-    if type(values) is not np.ndarray or tensor.__dict__.get("_export_dtype") is not None or tensor.data_location:
+    if type(values) is not np.ndarray or tensor.__dict__.get("_export_dtype") is not None:
         return False
     elem = _PLAIN_ELEM.get(values.dtype)
     if elem is None:
@@ -73,6 +73,8 @@ def _export_plain_in_place(tensor: gs.Constant, out: onnx.GraphProto) -> bool:
     proto.data_type = elem
     proto.name = tensor.name
     proto.raw_data = values.tobytes()
+    if tensor.data_location is not None:  # (as graphsurgeon does: an imported weight's explicit DEFAULT stays)
+        proto.data_location = tensor.data_location
     return True
 
 

@@ -292,6 +292,7 @@ def _import_tensor(stock: Any) -> Any:
     dtypes: dict[int, Any] = {}
 
     lazy_types: dict[int, tuple[Any, int]] = {}  # data type -> (graphsurgeon's dtype, item size)
+    types: dict[bytes, tuple[Any, list[object] | None]] = {}  # a tensor TypeProto's bytes -> (dtype, shape)
 
     def lazy_values(proto: onnx.TensorProto) -> LazyValues:
         """`LazyValues(proto)`, its fields set directly (its constructor cost 7 us: 2,500 a 32-layer import)."""
@@ -316,17 +317,25 @@ def _import_tensor(stock: Any) -> Any:
             return constant
         if kind is not onnx.ValueInfoProto or onnx_tensor.type.WhichOneof("value") != "tensor_type":
             return stock(onnx_tensor)
-        typed = onnx_tensor.type.tensor_type
-        elem = typed.elem_type
-        dtype = dtypes.get(elem)
-        if dtype is None:  # what graphsurgeon keeps: the numpy type, or the enum for types numpy lacks
-            dtype = dtypes[elem] = stock_dtype(elem)
+        kind = onnx_tensor.type
+        raw = kind.SerializeToString()  # a dynamo export types every tensor: a few hundred distinct types
+        known = types.get(raw)
+        if known is None:
+            if len(types) > 1 << 16:
+                types.clear()
+            typed = kind.tensor_type
+            elem = typed.elem_type
+            dtype = dtypes.get(elem)
+            if dtype is None:  # what graphsurgeon keeps: the numpy type, or the enum for types numpy lacks
+                dtype = dtypes[elem] = stock_dtype(elem)
+            shape = ([d.dim_param if w == "dim_param" else d.dim_value if w == "dim_value" else None
+                      for d in typed.shape.dim for w in (d.WhichOneof("value"),)] if typed.HasField("shape") else None)
+            known = types[raw] = (dtype, shape)
         tensor = _variable(onnx_tensor.name)
         fields = tensor.__dict__
-        fields["dtype"] = dtype
-        if typed.HasField("shape"):
-            fields["shape"] = [d.dim_param if w == "dim_param" else d.dim_value if w == "dim_value" else None
-                               for d in typed.shape.dim for w in (d.WhichOneof("value"),)]
+        fields["dtype"] = known[0]
+        if known[1] is not None:
+            fields["shape"] = list(known[1])  # a list of its own: tensors of one type must not share one
         return tensor
 
     return import_tensor

@@ -29,6 +29,17 @@ def test_plain_arrays_export_as_graphsurgeon_writes_them(values: np.ndarray) -> 
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(written), values)
 
 
+@pytest.mark.parametrize("location", [None, onnx.TensorProto.DEFAULT])
+def test_a_data_location_the_constant_was_imported_with_is_written_too(location: int | None) -> None:
+    """A folded or rewritten weight keeps the data_location its TensorProto stated (graphsurgeon writes it)."""
+    weight = gs.Constant("w", np.ones((2,), np.float32), data_location=location)
+    y = gs.Variable("y", dtype=np.float32, shape=[2])
+    graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[weight], outputs=[y])], outputs=[y], opset=17)
+    (written,) = ir.export_model(graph).graph.initializer
+    assert written.HasField("data_location") == (location is not None)
+    assert written.SerializeToString() == OnnxExporter.export_tensor_proto(weight).SerializeToString()
+
+
 def test_other_constants_take_graphsurgeons_path() -> None:
     """Strings are no plain array's bytes (ONNX keeps them in string_data)."""
     weight = gs.Constant("w", np.array(["a", "bc"], dtype=object))

@@ -198,14 +198,19 @@ def _sample_key(values: np.ndarray) -> tuple[object, ...]:
 
 def _node_key(node: gs.Node) -> tuple[object, ...] | None:
     """A hashable identity of what the node computes, or None when it must not be merged."""
-    if node.op in NONDETERMINISTIC or not node.outputs or ir.has_subgraph(node):
+    op, outputs, attrs = node.op, node.outputs, node.attrs
+    if op in NONDETERMINISTIC or not outputs:
         return None
-    try:
-        attrs = tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items()))
-    except TypeError:
-        return None
-    inputs = tuple(id(t) if t.name or not isinstance(t, gs.Variable) else None for t in node.inputs)
-    return (node.domain or "", node.op, inputs, len(node.outputs), attrs)
+    key: tuple[object, ...] = ()
+    if attrs:  # (most nodes have none: no subgraph to look for, nothing to sort)
+        if ir.has_subgraph(node):
+            return None
+        try:
+            key = tuple(sorted((k, _attr_key(v)) for k, v in attrs.items()))
+        except TypeError:
+            return None
+    inputs = tuple([id(t) if t.name or type(t) is not gs.Variable else None for t in node.inputs])
+    return (node.domain or "", op, inputs, len(outputs), key)
 
 
 def _attr_key(value: object) -> object:

@@ -87,6 +87,23 @@ def _read_layout(proto: onnx.TensorProto) -> tuple[np.dtype, tuple[int, ...], by
     return (dtype, shape, raw) if len(raw) == math.prod(shape) * dtype.itemsize else None
 
 
+def raw_view(values: LazyValues) -> np.ndarray | None:
+    """A read-only view of an unloaded constant of any size stored inline as the raw bytes of a plain numpy
+    type, over one copy of its bytes (graphsurgeon's `load` makes two, and `.values` keeps the array on the
+    constant for as long as the constant lives); None for anything else."""
+    proto = values.tensor
+    dtype = RAW_DTYPES.get(proto.data_type)
+    if dtype is None or proto.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    dims = tuple(proto.dims)
+    if min(dims, default=0) < 0:
+        return None
+    raw = proto.raw_data
+    if len(raw) != math.prod(dims) * dtype.itemsize or not raw:
+        return None
+    return np.frombuffer(raw, dtype).reshape(dims)
+
+
 def small_raw_values(values: LazyValues) -> np.ndarray | None:
     """The values of a small unloaded constant stored as raw bytes of a plain numpy type (shape vectors,
     axes, scalars), read straight from the bytes; None for anything else (numpy_helper's general reader

@@ -191,11 +191,17 @@ new_constant = _gs_compat.new_constant
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or Constant-node output), else None."""
+    """The value of a constant tensor (initializer or Constant-node output), else None. An unloaded weight
+    past `SMALL_RAW_BYTES` comes as a read-only view over one copy of its bytes, and stays unloaded in the
+    graph (a pass that reads every weight of a 600 MB model does not leave a second copy of it behind)."""
     if isinstance(tensor, gs.Constant):
         stored = tensor._values
-        if type(stored) is LazyValues and (small := _gs_compat.small_raw_values(stored)) is not None:
-            return small
+        if type(stored) is LazyValues:
+            value = _gs_compat.small_raw_values(stored)
+            if value is None:
+                value = _gs_compat.raw_view(stored)
+            if value is not None:
+                return value
         return np.asarray(tensor.values)
     node = producer(tensor)
     if node is not None and node.op == "Constant" and is_default_domain(node) and "value" in node.attrs:

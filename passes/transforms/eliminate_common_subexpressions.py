@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from passes.core import ir
-from passes.core._gs_compat import raw_layout
+from passes.core._gs_compat import raw_layout, raw_view
 from passes.infra._pass import Pass, PassResult
 
 #: constants up to this size are keyed by their bytes (larger ones by a hash of a sample, then compared)
@@ -176,9 +176,12 @@ def _raw_key(tensor: gs.Constant) -> tuple[str, tuple[int, ...], bytes] | None:
 
 
 def _peek(tensor: gs.Constant) -> np.ndarray:
-    """A constant's values, without making graphsurgeon keep them loaded."""
+    """A constant's values, without making graphsurgeon keep them loaded (read-only)."""
     stored = tensor._values
-    return stored.load() if isinstance(stored, LazyValues) else np.asarray(stored)
+    if not isinstance(stored, LazyValues):
+        return np.asarray(stored)
+    view = raw_view(stored) if type(stored) is LazyValues else None
+    return view if view is not None else stored.load()
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:

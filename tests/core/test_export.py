@@ -48,3 +48,22 @@ def test_other_constants_take_graphsurgeons_path() -> None:
     (written,) = ir.export_model(graph).graph.initializer
     assert written.data_type == onnx.TensorProto.STRING and list(written.string_data) == [b"a", b"bc"]
     assert not written.raw_data
+
+
+def test_constant_value_of_an_unloaded_weight_is_a_read_only_view_and_the_weight_stays_unloaded() -> None:
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    weights = np.arange(4096, dtype=np.float32).reshape(64, 64)  # past the small-constant size
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.numpy_helper.from_array(weights, "w")]))
+    graph = ir.import_graph(model)
+    weight = graph.nodes[0].inputs[1]
+    value = ir.constant_value(weight)
+    np.testing.assert_array_equal(value, weights)
+    assert not value.flags.writeable  # nobody writes a weight through it
+    assert type(weight._values) is LazyValues  # and the graph keeps it unloaded: no second copy
+    with pytest.raises(ValueError):
+        value[0, 0] = 1.0

@@ -45,7 +45,7 @@ from onnx_graphsurgeon.util.misc import SynchronizedList
 
 from passes.core._lift import LIFTING
 from passes.core._skeleton import touch
-from passes.core._validate import RAW_DTYPES, tensor_nbytes
+from passes.core._validate import RAW_DTYPES, plain_nbytes, tensor_nbytes
 from passes.core._walk import has_subgraph
 
 _PATCHED = "_passes_compat"
@@ -70,38 +70,28 @@ def raw_layout(values: LazyValues, max_bytes: int) -> tuple[np.dtype, tuple[int,
     are never read (reading a bytes field copies all of it)."""
     known = values.__dict__.get(_LAYOUT, values)
     if known is values:
-        known = values.__dict__[_LAYOUT] = _read_layout(values.tensor)
+        known = values.__dict__[_LAYOUT] = _inline_raw(values.tensor, SMALL_RAW_BYTES)
     if known is None or len(known[2]) > max_bytes:
         return None
     return known
-
-
-def _read_layout(proto: onnx.TensorProto) -> tuple[np.dtype, tuple[int, ...], bytes] | None:
-    dtype = RAW_DTYPES.get(proto.data_type)
-    if dtype is None or proto.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    shape = tuple(proto.dims)
-    if min(shape, default=0) < 0 or not 0 < math.prod(shape) * dtype.itemsize <= SMALL_RAW_BYTES:
-        return None
-    raw = proto.raw_data
-    return (dtype, shape, raw) if len(raw) == math.prod(shape) * dtype.itemsize else None
 
 
 def raw_view(values: LazyValues) -> np.ndarray | None:
     """A read-only view of an unloaded constant of any size stored inline as the raw bytes of a plain numpy
     type, over one copy of its bytes (graphsurgeon's `load` makes two, and `.values` keeps the array on the
     constant for as long as the constant lives); None for anything else."""
-    proto = values.tensor
-    dtype = RAW_DTYPES.get(proto.data_type)
-    if dtype is None or proto.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    dims = tuple(proto.dims)
-    if min(dims, default=0) < 0:
+    layout = _inline_raw(values.tensor, None)
+    return None if layout is None else np.frombuffer(layout[2], layout[0]).reshape(layout[1])
+
+
+def _inline_raw(proto: onnx.TensorProto, max_bytes: int | None) -> tuple[np.dtype, tuple[int, ...], bytes] | None:
+    """(numpy dtype, shape, raw bytes) of a non-empty TensorProto (of at most `max_bytes`) stored inline as the
+    raw bytes of a plain numpy type; None for anything else, without reading the bytes of one too large."""
+    nbytes = plain_nbytes(proto)
+    if not nbytes or (max_bytes is not None and nbytes > max_bytes) or proto.data_location == onnx.TensorProto.EXTERNAL:
         return None
     raw = proto.raw_data
-    if len(raw) != math.prod(dims) * dtype.itemsize or not raw:
-        return None
-    return np.frombuffer(raw, dtype).reshape(dims)
+    return (RAW_DTYPES[proto.data_type], tuple(proto.dims), raw) if len(raw) == nbytes else None
 
 
 def small_raw_values(values: LazyValues) -> np.ndarray | None:
@@ -119,11 +109,8 @@ def stored_bytes(tensor: gs.Constant) -> int:
     """Bytes a constant's values take, without loading them when they are still lazy."""
     values = tensor._values
     if isinstance(values, LazyValues):
-        proto = values.tensor
-        dtype, dims = RAW_DTYPES.get(proto.data_type), proto.dims
-        if dtype is not None and min(dims, default=0) >= 0:  # plain numeric types: dims and item size say it
-            return math.prod(dims) * dtype.itemsize
-        return tensor_nbytes(proto, tensor.name)
+        plain = plain_nbytes(values.tensor)  # plain numeric types: dims and item size say it
+        return plain if plain is not None else tensor_nbytes(values.tensor, tensor.name)
     return int(getattr(values, "nbytes", 0))
 
 
@@ -334,13 +321,13 @@ def _import_tensor(stock: Any) -> Any:
             return constant
         if kind is not onnx.ValueInfoProto or onnx_tensor.type.WhichOneof("value") != "tensor_type":
             return stock(onnx_tensor)
-        kind = onnx_tensor.type
-        raw = kind.SerializeToString()  # a dynamo export types every tensor: a few hundred distinct types
+        type_proto = onnx_tensor.type
+        raw = type_proto.SerializeToString()  # a dynamo export types every tensor: a few hundred distinct types
         known = types.get(raw)
         if known is None:
             if len(types) > 1 << 16:
                 types.clear()
-            typed = kind.tensor_type
+            typed = type_proto.tensor_type
             elem = typed.elem_type
             dtype = dtypes.get(elem)
             if dtype is None:  # what graphsurgeon keeps: the numpy type, or the enum for types numpy lacks

@@ -311,7 +311,7 @@ def _constant_piece(tensor: gs.Constant, cache: _Cache) -> bytes:
     entry = constants.get(id(tensor))
     if entry is not None and entry[0] is tensor and entry[1] is values and entry[2] == tensor.name:
         return entry[3]  # type: ignore[return-value]
-    if type(values) is LazyValues and type(values.__dict__.get("nbytes")) is int and values.nbytes <= INLINE_BYTES:
+    if type(values) is LazyValues and values.nbytes <= INLINE_BYTES:  # (its size by type and dims)
         piece = _unloaded_piece(tensor.name, values.tensor)  # the common case (lifted Constant nodes), in short
         if piece is not None:
             constants[id(tensor)] = (tensor, values, tensor.name, piece)
@@ -323,8 +323,6 @@ def _constant_piece(tensor: gs.Constant, cache: _Cache) -> bytes:
         elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     if math.prod(values.shape) * dtype.itemsize > INLINE_BYTES:
         piece = _field(_INPUT, _typed(tensor.name, elem, tuple(values.shape)))
-    elif type(values) is LazyValues and (unloaded := _unloaded_piece(tensor.name, values.tensor)) is not None:
-        piece = unloaded
     elif type(values) is np.ndarray and dtype in _PLAIN and tensor.__dict__.get("_export_dtype") is None:
         proto = onnx.TensorProto(name=tensor.name, data_type=elem, dims=values.shape, raw_data=values.tobytes())
         piece = _field(_INITIALIZER, proto.SerializeToString())

@@ -185,13 +185,22 @@ def tensor_nbytes(tensor: TensorProto, where: str = "tensor") -> int:
     return (element_count(tensor, where) * element_bits(tensor.data_type) + 7) // 8
 
 
+def plain_nbytes(tensor: TensorProto) -> int | None:
+    """`tensor_nbytes` of a tensor of a plain numeric type (`RAW_DTYPES`) with valid dims: item size times
+    element count; None for any other."""
+    dtype = RAW_DTYPES.get(tensor.data_type)
+    dims = tensor.dims
+    if dtype is None or min(dims, default=0) < 0:
+        return None
+    return math.prod(dims) * dtype.itemsize
+
+
 def declared_nbytes(tensor: TensorProto) -> int:
     """`tensor_nbytes`, fast for plain numeric types, and 0 for a tensor whose type or dims are invalid
     (the checker reports those)."""
-    dtype = RAW_DTYPES.get(tensor.data_type)
-    dims = tensor.dims
-    if dtype is not None and min(dims, default=0) >= 0:
-        return math.prod(dims) * dtype.itemsize
+    plain = plain_nbytes(tensor)
+    if plain is not None:
+        return plain
     try:
         return tensor_nbytes(tensor)
     except (ModelLoadError, KeyError, TypeError, ValueError):

@@ -121,7 +121,7 @@ _SAMPLE_KEYS = "_passes_ecs_sample_keys"
 
 class _SampleKeys:
     """The sample keys of unloaded weights, kept on the graph from one run to the next: keying a weight
-    loads it, a copy of its bytes (all 600 MB of a 135M model's, every run). A key holds while the constant
+    reads it, a copy of its bytes (all 600 MB of a 135M model's, every run). A key holds while the constant
     keeps the same unloaded values (a TensorProto of the input model, which nothing writes)."""
 
     def __init__(self, graph: gs.Graph) -> None:
@@ -178,10 +178,9 @@ def _raw_key(tensor: gs.Constant) -> tuple[str, tuple[int, ...], bytes] | None:
 def _peek(tensor: gs.Constant) -> np.ndarray:
     """A constant's values, without making graphsurgeon keep them loaded (read-only)."""
     stored = tensor._values
-    if not isinstance(stored, LazyValues):
-        return np.asarray(stored)
-    view = raw_view(stored) if type(stored) is LazyValues else None
-    return view if view is not None else stored.load()
+    if type(stored) is LazyValues and (view := raw_view(stored)) is not None:
+        return view
+    return stored.load() if isinstance(stored, LazyValues) else np.asarray(stored)
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
